@@ -1,0 +1,460 @@
+"""The input pipeline: original TFRecords, CXI/HDF5 files and the synthetic dataset, one tf.data path.
+
+Sources (looked up in `data_dir + dataset + "/"`, as the original did):
+  * `*{mode}.tfrecord`: the original schema (see README "Data formats");
+  * `*{mode}.cxi` / `*{mode}.h5`: CXI files, either one group per shot (the layout of CXIDB entry 94)
+    or stacked (`entry_1/data_1/data` of shape N x H x W, as Condor and EXtra-data write it);
+  * a directory whose CXI/HDF5 files are not split by mode: every `--eval_every`-th shot (counting
+    over the sorted files) is held out for eval, the others train, and predict reads them all;
+  * `--dataset=synthetic` with no files: simulated helium-droplet shots (nn/simulate.py), generated
+    deterministically from `--random_seed` and cached in memory on first use.
+
+Every source yields the same tensors and goes through `preprocess`, the original's preprocessing:
+raw counts (or [0, 1] scaled without the log activation), centre crop to the largest power of two
+not above the stored size, bilinear resize to the target size, gray to RGB, random flips in training.
+
+Batches: train/eval give `(images, labels)`; predict gives dicts with "image", "bunch_id" and, where
+the source has labels, "label".
+"""
+import glob
+import logging
+import os
+
+import h5py
+import numpy as np
+import tensorflow as tf
+
+from nn import simulate
+from nn import config
+from nn.config import AiryNetError
+
+log = logging.getLogger("airynet")
+
+LABEL_KEY = "image/class/label"
+CXI_MASK_BITS = 0x1 | 0x8 | 0x80 | 0x200  # invalid, dead, bad, missing (CXI pixel-mask bits)
+SLAB_BYTES = 16 << 20  # shots are read from HDF5 in slabs of about this size
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def image_key(cfg):
+    """The image feature to read: raw, the cross-correlation (--use_ccf) or a noise variant."""
+    if cfg.use_ccf:
+        return "image/ccf/encoded"
+    if cfg.add_noise:
+        return f"image/noise{cfg.add_noise}/encoded"
+    return "image/encoded"
+
+
+def is_one_hot_predict(cfg):
+    """The original's cxidb variant stores a one-hot label in predict records, not a bunch ID."""
+    return cfg.dataset == "cxidb"
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing (shared with the exported SavedModel)
+
+def crop_size(n):
+    """Largest power of two not above n (259 -> 256, 1035 -> 1024)."""
+    return 1 << (int(n).bit_length() - 1)
+
+
+def preprocess(images, cfg, training=False, seed=None):
+    """Raw float32 counts [N, ori_h, ori_w, ori_d] -> network input [N, target_h, target_w, target_d]."""
+    images = tf.cast(images, tf.float32)
+    if not cfg.use_log_act:
+        images = images / 65535.0  # the uint16 range, as the original's image-dtype conversion did
+    images = tf.image.resize_with_crop_or_pad(images, crop_size(cfg.ori_height), crop_size(cfg.ori_width))
+    images = tf.image.resize(images, (cfg.target_height, cfg.target_width), method="bilinear")
+    if cfg.target_depth == 3 and cfg.ori_depth == 1:
+        images = tf.image.grayscale_to_rgb(images)
+    elif cfg.target_depth == 1 and cfg.ori_depth == 3:
+        images = tf.image.rgb_to_grayscale(images)
+    if training:
+        images = tf.image.stateless_random_flip_left_right(images, seed)
+        images = tf.image.stateless_random_flip_up_down(images, seed + 1)
+    return images
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding files
+
+def dataset_dir(cfg):
+    return cfg.data_dir + cfg.dataset + "/"
+
+
+def find_files(cfg, mode):
+    """-> (kind, files, split) with kind 'tfrecord' | 'cxi' | 'synthetic'; split: None or the mode
+    whose share of an unsplit CXI directory to read."""
+    directory = dataset_dir(cfg)
+    if not os.path.isdir(directory):
+        if cfg.dataset == "synthetic":
+            return "synthetic", [], None
+        raise AiryNetError(f"{directory}: dataset directory does not exist (--data_dir + --dataset)")
+    stem = f"train_{cfg.fraction:g}" if (mode == "train" and cfg.fraction_mode) else mode
+    for kind, extensions in (("tfrecord", ("tfrecord",)), ("cxi", ("cxi", "h5"))):
+        files = sorted(f for ext in extensions for f in glob.glob(os.path.join(directory, f"*{stem}.{ext}")))
+        if files:
+            return kind, files, None
+    unsplit = sorted(glob.glob(os.path.join(directory, "*.cxi")) + glob.glob(os.path.join(directory, "*.h5")))
+    if unsplit:
+        return "cxi", unsplit, mode
+    if cfg.dataset == "synthetic":
+        return "synthetic", [], None
+    raise AiryNetError(f"{directory}: no *{stem}.tfrecord, *{stem}.cxi or *{stem}.h5 files "
+                       f"(nor unsplit *.cxi/*.h5) for --mode={mode}")
+
+
+# ----------------------------------------------------------------------------------------------
+# TFRecord
+
+def _decode_records(serialized, cfg, mode):
+    """A batch of serialized tf.train.Examples -> (images float32 [B,H,W,D], label tensors)."""
+    key = image_key(cfg)
+    features = tf.io.parse_example(serialized, {key: tf.io.FixedLenFeature([], tf.string),
+                                                LABEL_KEY: tf.io.FixedLenFeature([], tf.string)})
+    images = tf.io.decode_raw(features[key], tf.uint16)
+    images = tf.reshape(images, [-1, cfg.ori_height, cfg.ori_width, cfg.ori_depth])
+    if mode == "predict" and not is_one_hot_predict(cfg):
+        bunch_id = tf.reshape(tf.io.decode_raw(features[LABEL_KEY], tf.int32), [-1])
+        return tf.cast(images, tf.float32), {"bunch_id": tf.cast(bunch_id, tf.int64)}
+    labels = tf.reshape(tf.io.decode_raw(features[LABEL_KEY], tf.int16), [-1, cfg.num_classes])
+    labels = tf.cast(labels, tf.float32)
+    if mode == "predict":  # cxidb variant: the ID is the one-hot label's argmax
+        return tf.cast(images, tf.float32), {"bunch_id": tf.argmax(labels, axis=1), "label": labels}
+    return tf.cast(images, tf.float32), {"label": labels}
+
+
+def check_tfrecord(path, cfg, mode, max_records=None):
+    """Read records one by one and raise an AiryNetError naming the file and record that is bad."""
+    if os.path.getsize(path) == 0:
+        raise AiryNetError(f"{path}: empty file (0 bytes), not a TFRecord")
+    key = image_key(cfg)
+    expected_image = cfg.ori_height * cfg.ori_width * cfg.ori_depth * 2
+    if mode == "predict" and not is_one_hot_predict(cfg):
+        expected_label, label_text = 4, "an int32 bunch ID (4 bytes)"
+    else:
+        expected_label = cfg.num_classes * 2
+        label_text = f"{cfg.num_classes} int16 label flags ({expected_label} bytes; --num_classes)"
+    index = -1
+    try:
+        for index, record in enumerate(tf.data.TFRecordDataset(path)):
+            if max_records is not None and index >= max_records:
+                break
+            example = tf.train.Example.FromString(record.numpy())
+            feature = example.features.feature
+            for name in (key, LABEL_KEY):
+                if name not in feature or not feature[name].bytes_list.value:
+                    raise AiryNetError(f"{path}: record {index}: missing bytes feature '{name}'")
+            n_image = len(feature[key].bytes_list.value[0])
+            if n_image != expected_image:
+                raise AiryNetError(
+                    f"{path}: record {index}: image has {n_image} bytes, expected "
+                    f"{cfg.ori_height}x{cfg.ori_width}x{cfg.ori_depth} uint16 = {expected_image} "
+                    f"(--ori_height/--ori_width/--ori_depth)")
+            n_label = len(feature[LABEL_KEY].bytes_list.value[0])
+            if n_label != expected_label:
+                raise AiryNetError(f"{path}: record {index}: label has {n_label} bytes, expected {label_text}")
+    except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
+        raise AiryNetError(f"{path}: record {index + 1}: truncated or corrupt TFRecord "
+                           f"({e.message.splitlines()[0]})") from e
+    except Exception as e:
+        if isinstance(e, AiryNetError):
+            raise
+        raise AiryNetError(f"{path}: record {index + 1}: not a valid tf.train.Example ({e})") from e
+
+
+def _tfrecord_records(files, cfg, mode, one_pass):
+    # Predict keeps the file and record order; training may interleave files for speed.
+    parallel = None if one_pass else cfg.num_worker
+    return tf.data.TFRecordDataset(files, num_parallel_reads=parallel)
+
+
+# ----------------------------------------------------------------------------------------------
+# CXI / HDF5
+
+class CxiFile:
+    """Layout of one CXI/HDF5 file, read from its metadata only (the shots are read in slabs)."""
+
+    IMAGE_PATHS = ("entry_1/data_1/data", "entry_1/instrument_1/detector_1/data")
+    MASK_PATHS = ("entry_1/data_1/mask", "entry_1/instrument_1/detector_1/mask")
+    LABEL_PATHS = ("entry_1/data_1/labels", "entry_1/labels", "labels")
+    ID_PATHS = ("entry_1/experiment_identifier", "entry_1/data_1/experiment_identifier",
+                "entry_1/experimental_identifier")
+
+    def __init__(self, path, cfg, needs_labels):
+        self.path = path
+        try:
+            h5 = h5py.File(path, "r")
+        except OSError as e:
+            raise AiryNetError(f"{path}: not a readable HDF5/CXI file ({e})") from e
+        self.h5 = h5
+        stacked = next((p for p in self.IMAGE_PATHS if p in h5 and h5[p].ndim == 3), None)
+        if stacked:
+            self.layout = "stacked"
+            data = h5[stacked]
+            self.image_path = stacked
+            self.count, height, width = data.shape
+            label_paths = (cfg.cxi_labels,) if cfg.cxi_labels else self.LABEL_PATHS
+            self.label_path = next((p for p in label_paths if p in h5), None)
+            self.id_path = next((p for p in self.ID_PATHS if p in h5), None)
+            self.mask_path = next((p for p in self.MASK_PATHS if p in h5), None)
+        else:
+            entries = sorted((k for k in h5 if k.startswith("entry_") and k[6:].isdigit()
+                              and "instrument_1/detector_1/data" in h5[k]), key=lambda k: int(k[6:]))
+            if not entries:
+                raise AiryNetError(f"{path}: no shots found: expected a stacked "
+                                   f"{' or '.join(self.IMAGE_PATHS)} (N x H x W) or per-shot "
+                                   f"/entry_N/instrument_1/detector_1/data groups")
+            self.layout = "per_shot"
+            self.entries = entries
+            self.count = len(entries)
+            height, width = h5[entries[0]]["instrument_1/detector_1/data"].shape[-2:]
+            self.label_path = "note_1/data" if all("note_1/data" in h5[e] for e in entries[:1]) else None
+            self.mask_path = None
+        if (height, width) != (cfg.ori_height, cfg.ori_width):
+            raise AiryNetError(f"{path}: images are {height}x{width} but --ori_height/--ori_width say "
+                               f"{cfg.ori_height}x{cfg.ori_width}")
+        if needs_labels and self.label_path is None:
+            where = "--cxi_labels or " + ", ".join(self.LABEL_PATHS) if self.layout == "stacked" \
+                else "/entry_N/note_1/data"
+            raise AiryNetError(f"{path}: no labels ({where}), which training and eval need")
+        if self.label_path is not None:
+            n = self._label_length()
+            if n != cfg.num_classes:
+                raise AiryNetError(f"{path}: labels have {n} entries per shot, expected "
+                                   f"{cfg.num_classes} (--num_classes)")
+
+    def _label_length(self):
+        if self.layout == "stacked":
+            return int(np.prod(self.h5[self.label_path].shape[1:]))
+        return int(np.prod(self.h5[self.entries[0]][self.label_path].shape))
+
+    def read(self, start, stop):
+        """Shots [start, stop) -> images float32 [n,H,W], labels float32 [n,C] (zeros if none), ids int64 [n]."""
+        h5 = self.h5
+        if self.layout == "stacked":
+            images = h5[self.image_path][start:stop].astype(np.float32)
+            if self.mask_path is not None:
+                mask = h5[self.mask_path]
+                bad = (mask[start:stop] if mask.ndim == 3 else mask[()]) & CXI_MASK_BITS
+                images[np.broadcast_to(bad != 0, images.shape)] = 0.0
+            labels = (h5[self.label_path][start:stop].reshape(stop - start, -1).astype(np.float32)
+                      if self.label_path else None)
+            ids = (h5[self.id_path][start:stop].astype(np.int64) if self.id_path
+                   else np.arange(start, stop, dtype=np.int64))
+        else:
+            groups = [h5[e] for e in self.entries[start:stop]]
+            images = np.stack([g["instrument_1/detector_1/data"][()] for g in groups]).astype(np.float32)
+            labels = (np.stack([np.ravel(g[self.label_path][()]) for g in groups]).astype(np.float32)
+                      if self.label_path else None)
+            ids = np.array([int(np.ravel(g["experimental_identifier"][()])[0])
+                            if "experimental_identifier" in g else start + i
+                            for i, g in enumerate(groups)], dtype=np.int64)
+        finite = np.isfinite(images)
+        if not finite.all():
+            for i in np.flatnonzero(~finite.reshape(len(images), -1).all(axis=1)):
+                log.warning("%s: shot %d (ID %d): %d NaN/Inf pixels set to 0", self.path, start + i,
+                            ids[i], int((~finite[i]).sum()))
+            images[~finite] = 0.0
+        if labels is None:
+            labels = np.zeros((len(images), 0), np.float32)
+        return images, labels, ids
+
+
+def _cxi_records(files, cfg, mode, split, one_pass):
+    """Shots of CXI files, read in ordered parallel slabs; -> (image, label, id, global index)."""
+    readers = [CxiFile(f, cfg, needs_labels=mode in ("train", "eval")) for f in files]
+    shot_bytes = cfg.ori_height * cfg.ori_width * cfg.ori_depth * 4
+    per_slab = int(np.clip(SLAB_BYTES // shot_bytes, 1, 64))
+    slabs, offset = [], 0
+    for i, r in enumerate(readers):
+        slabs += [(i, s, min(s + per_slab, r.count), offset + s) for s in range(0, r.count, per_slab)]
+        offset += r.count
+    has_labels = all(r.label_path is not None for r in readers)
+    num_labels = cfg.num_classes if has_labels else 0
+
+    def read_slab(slab):
+        file_index, start, stop, first = (int(v) for v in slab)
+        images, labels, ids = readers[file_index].read(start, stop)
+        if not has_labels:
+            labels = np.zeros((len(images), 0), np.float32)
+        return images, labels, ids, np.arange(first, first + stop - start, dtype=np.int64)
+
+    def read(slab):
+        images, labels, ids, index = tf.numpy_function(read_slab, [slab], [tf.float32, tf.float32, tf.int64,
+                                                                           tf.int64])
+        images = tf.reshape(images, [-1, cfg.ori_height, cfg.ori_width, cfg.ori_depth])
+        return (images, tf.reshape(labels, [-1, num_labels]), tf.reshape(ids, [-1]), tf.reshape(index, [-1]))
+
+    ds = tf.data.Dataset.from_tensor_slices(np.array(slabs, np.int64).reshape(-1, 4))
+    if not one_pass:
+        ds = ds.shuffle(len(slabs), seed=cfg.random_seed)
+    ds = ds.map(read, num_parallel_calls=cfg.num_worker, deterministic=True).unbatch()
+    if split is not None:  # one file set for all modes: hold out every eval_every-th shot
+        held_out = lambda *s: tf.equal(s[3] % cfg.eval_every, cfg.eval_every - 1)
+        if split == "train":
+            ds = ds.filter(lambda *s: tf.logical_not(held_out(*s)))
+        elif split == "eval":
+            ds = ds.filter(held_out)
+    return ds, has_labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic
+
+def synthetic_range(cfg, mode):
+    """Shot indices of each split: train 0..dataset_size-1, eval and predict the held-out shots after."""
+    n_eval = max(256, cfg.dataset_size // 8)
+    if mode == "train":
+        return 0, cfg.dataset_size
+    return cfg.dataset_size, cfg.dataset_size + n_eval
+
+
+def _synthetic_records(cfg, mode):
+    if cfg.ori_height != cfg.ori_width or cfg.ori_depth != 1:
+        raise AiryNetError(f"--ori_height/--ori_width/--ori_depth: the synthetic dataset is square and "
+                           f"gray, got {cfg.ori_height}x{cfg.ori_width}x{cfg.ori_depth}")
+    if cfg.num_classes != len(config.HELIUM_CLASSES):
+        raise AiryNetError(f"--num_classes={cfg.num_classes}: the synthetic dataset has "
+                           f"{len(config.HELIUM_CLASSES)} classes")
+    first, last = synthetic_range(cfg, mode)
+    chunk = 32
+    starts = np.arange(first, last, chunk, dtype=np.int64)
+
+    def make(start):
+        count = int(min(chunk, last - start))
+        images, labels = simulate.simulate(count, cfg.random_seed, cfg.ori_height, start=int(start))
+        return images.astype(np.float32), labels.astype(np.float32), np.arange(start, start + count)
+
+    def generate(start):
+        images, labels, ids = tf.numpy_function(make, [start], [tf.float32, tf.float32, tf.int64])
+        images = tf.reshape(images, [-1, cfg.ori_height, cfg.ori_width, 1])
+        return images, tf.reshape(labels, [-1, cfg.num_classes]), tf.reshape(ids, [-1]), tf.reshape(ids, [-1])
+
+    ds = tf.data.Dataset.from_tensor_slices(starts)
+    ds = ds.map(generate, num_parallel_calls=cfg.num_worker, deterministic=True).unbatch()
+    return ds.cache()  # simulated once per process; the uint16 shots are small next to a GPU's input
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
+    """Batches of `mode` data ready for the network; see the module docstring for their structure.
+
+    one_pass: read every record once in order (default for predict) instead of shuffled forever.
+    shard: (index, count): keep records j with j % count == index (prediction on a cluster).
+    input_context: a tf.distribute.InputContext; each input pipeline then reads its own share.
+    """
+    if one_pass is None:
+        one_pass = mode == "predict"
+    kind, files, split = find_files(cfg, mode)
+    if kind == "tfrecord":
+        for f in files:  # cheap checks of every file's first record, so mistakes show before training
+            check_tfrecord(f, cfg, mode, max_records=1)
+        records = _tfrecord_records(files, cfg, mode, one_pass)
+    elif kind == "cxi":
+        records, has_labels = _cxi_records(files, cfg, mode, split, one_pass)
+    else:
+        records, has_labels = _synthetic_records(cfg, mode), True
+    shard_index, shard_count = shard
+    if input_context is not None:
+        shard_count *= input_context.num_input_pipelines
+        shard_index = shard_index * input_context.num_input_pipelines + input_context.input_pipeline_id
+    if shard_count > 1:
+        records = records.shard(shard_count, shard_index)
+    if not one_pass:
+        records = records.shuffle(5000 + 3 * cfg.batch_size, seed=cfg.random_seed).repeat()
+    records = records.batch(cfg.batch_size, drop_remainder=not one_pass)
+
+    training = mode == "train" and not one_pass
+    seeds = tf.data.Dataset.counter().map(lambda i: tf.stack([tf.cast(cfg.random_seed, tf.int64), i]))
+
+    def finish(batch, seed):
+        if kind == "tfrecord":
+            images, extra = _decode_records(batch, cfg, mode)
+        else:
+            images, labels, ids, _ = batch
+            extra = {"bunch_id": ids}
+            if has_labels:
+                extra["label"] = labels
+        images = preprocess(images, cfg, training=training, seed=seed)
+        if mode == "predict":
+            return dict(extra, image=images)
+        return images, extra["label"]
+
+    ds = tf.data.Dataset.zip(records, seeds).map(finish, num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
+def describe_failure(cfg, mode, error):
+    """Turn a TensorFlow error raised while reading `mode` data into an AiryNetError naming the culprit."""
+    kind, files, _ = find_files(cfg, mode)
+    if kind == "tfrecord":
+        for f in files:
+            check_tfrecord(f, cfg, mode)
+    first_line = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    return AiryNetError(f"{dataset_dir(cfg)}: reading {mode} data failed: {first_line}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writers (the simulator script and the tests use them)
+
+def _bytes(value):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int64(value):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+
+def write_tfrecord(path, images, labels):
+    """Original schema. labels: int16 [N, C] flags (train/eval, cxidb predict) or [N] bunch IDs (int32)."""
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    label_dtype = np.int32 if labels.ndim == 1 else np.int16
+    tmp = path + ".tmp"
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for image, label in zip(images, labels):
+            example = tf.train.Example(features=tf.train.Features(feature={
+                "image/encoded": _bytes(np.ascontiguousarray(image, np.uint16).tobytes()),
+                "image/format": _bytes(b"raw"),
+                LABEL_KEY: _bytes(np.ascontiguousarray(label, label_dtype).tobytes()),
+                "image/height": _int64(image.shape[0]),
+                "image/width": _int64(image.shape[1]),
+            }))
+            writer.write(example.SerializeToString())
+    os.replace(tmp, path)
+
+
+def write_cxi_shots(path, images, labels, bunch_ids, photon_energy_J=4.0e-18):
+    """CXIDB-94 layout: one /entry_N group per shot (N from 1). 4e-18 J is about 25 eV (XUV)."""
+    tmp = path + ".tmp"
+    with h5py.File(tmp, "w") as h5:
+        h5["cxi_version"] = 150
+        for n, (image, label, bid) in enumerate(zip(images, labels, bunch_ids), start=1):
+            entry = h5.create_group(f"entry_{n}")
+            entry["instrument_1/detector_1/data"] = image
+            entry["instrument_1/source_1/energy"] = photon_energy_J
+            entry["note_1/data"] = np.asarray(label, np.int16)
+            entry["experimental_identifier"] = np.int64(bid)
+    os.replace(tmp, path)
+
+
+def write_cxi_stacked(path, images, labels=None, bunch_ids=None, mask=None):
+    """Stacked CXI: detector data N x H x W, linked from entry_1/data_1 (as Condor writes it)."""
+    images = np.asarray(images)
+    tmp = path + ".tmp"
+    with h5py.File(tmp, "w") as h5:
+        h5["cxi_version"] = 150
+        det = h5.create_group("entry_1/instrument_1/detector_1")
+        det.create_dataset("data", data=images, chunks=(1,) + images.shape[1:])
+        h5["entry_1/data_1/data"] = h5py.SoftLink("/entry_1/instrument_1/detector_1/data")
+        if mask is not None:
+            det["mask"] = np.asarray(mask, np.uint32)
+            h5["entry_1/data_1/mask"] = h5py.SoftLink("/entry_1/instrument_1/detector_1/mask")
+        if labels is not None:
+            h5["entry_1/data_1/labels"] = np.asarray(labels, np.int16)
+        if bunch_ids is not None:
+            h5["entry_1/experiment_identifier"] = np.asarray(bunch_ids, np.int64)
+    os.replace(tmp, path)

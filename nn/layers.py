@@ -1,0 +1,128 @@
+"""Building blocks shared by the ResNet and the VGG: the log activation and the conv/BN/activation helpers.
+
+The helpers reproduce the original's layer settings (ORIGINAL.md §3) with Keras layers, so that a model
+is a plain functional keras.Model that saves, loads and exports without custom code beyond
+LogActivation.
+"""
+import math
+
+import keras
+import tensorflow as tf
+
+BN_MOMENTUM = 0.997
+BN_EPSILON = 1e-5
+
+
+@tf.custom_gradient
+def _signed_log1p_e(x):
+    """sign(x) * ln(1 + e|x|) with its exact derivative e / (1 + e|x|).
+
+    Only |x| goes into the logarithm, so no branch ever sees a negative argument (the original's
+    tf.where over both branches did, and its gradient could turn NaN). The derivative is given
+    explicitly because autodiff through sign() and abs() would report 0 at x = 0 instead of e.
+    """
+    e_abs_x = math.e * tf.abs(x)
+
+    def grad(upstream):
+        return upstream * (math.e / (1.0 + e_abs_x))
+
+    return tf.sign(x) * tf.math.log1p(e_abs_x), grad
+
+
+@keras.saving.register_keras_serializable(package="airynet")
+class LogActivation(keras.layers.Layer):
+    """alpha * (ln(x + 1/e) + 1) + beta for x > 0, and its mirror -alpha * (ln(-x + 1/e) + 1) + beta.
+
+    Since ln(|x| + 1/e) + 1 = ln(1 + e|x|), this is alpha * sign(x) * ln(1 + e|x|) + beta: continuous at
+    0 (value beta, slope alpha * e) and compressing the photon counts of a diffraction pattern, which
+    span many orders of magnitude, to a few units.
+    """
+
+    def __init__(self, alpha, beta, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def call(self, x):
+        return self.alpha * _signed_log1p_e(x) + self.beta
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta}
+
+
+def data_format(cfg):
+    return "channels_first" if cfg.use_nchw else "channels_last"
+
+
+def kernel_initializer():
+    # TF1's tf.variance_scaling_initializer() defaults, which the original used for every conv.
+    return keras.initializers.VarianceScaling(scale=1.0, mode="fan_in", distribution="truncated_normal")
+
+
+def kernel_regularizer(cfg):
+    # The original's l1_l2_regularizer computed scale_l2 * tf.nn.l2_loss(w) = scale_l2 * sum(w^2) / 2,
+    # whereas Keras' L1L2 has no 1/2; halve the L2 factor to keep the same penalty.
+    return keras.regularizers.L1L2(l1=cfg.l1_regularization_scale, l2=cfg.l2_regularization_scale / 2)
+
+
+def conv(x, filters, kernel_size, strides, cfg, name, dtype=None):
+    """Bias-free conv with the original's "fixed padding".
+
+    A strided conv pads (k-1)//2 before and the rest after, then runs VALID, so the padding depends
+    on the kernel only and not on the input size (SAME would shift it with the parity of the input);
+    a stride-1 conv uses SAME.
+    """
+    df = data_format(cfg)
+    padding = "same"
+    if strides > 1:
+        padding = "valid"
+        before = (kernel_size - 1) // 2
+        after = kernel_size - 1 - before
+        if after:
+            x = keras.layers.ZeroPadding2D(((before, after), (before, after)), data_format=df,
+                                           name=f"{name}_pad", dtype=dtype)(x)
+    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, data_format=df,
+                               use_bias=False, kernel_initializer=kernel_initializer(),
+                               kernel_regularizer=kernel_regularizer(cfg), name=name, dtype=dtype)(x)
+
+
+def activation(x, leakiness, name):
+    """Leaky ReLU with the given slope; plain ReLU when the slope is not positive (as the original)."""
+    if leakiness > 0:
+        return keras.layers.LeakyReLU(negative_slope=leakiness, name=name)(x)
+    return keras.layers.ReLU(name=name)(x)
+
+
+def batch_norm_act(x, cfg, name):
+    axis = 1 if cfg.use_nchw else -1
+    x = keras.layers.BatchNormalization(axis=axis, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=True,
+                                        scale=True, name=f"{name}_bn")(x)
+    return activation(x, cfg.relu_leakiness, f"{name}_act")
+
+
+def stem_dtype(cfg):
+    """float32 for the layers that see raw photon counts, whatever the global dtype policy.
+
+    With --use_log_act the input holds counts up to 65535, above float16's maximum of 65504; under a
+    mixed-precision policy every layer up to and including the log activation must stay in float32.
+    None means: the global policy.
+    """
+    return "float32" if cfg.use_log_act else None
+
+
+def network_input(cfg, stem_dtype):
+    """The NHWC image input, and the tensor the network starts from (transposed when cfg.use_nchw)."""
+    inputs = keras.Input(shape=(cfg.target_height, cfg.target_width, cfg.target_depth), name="image")
+    x = inputs
+    if cfg.use_nchw:
+        x = keras.layers.Permute((3, 1, 2), name="to_channels_first", dtype=stem_dtype)(x)
+    return inputs, x
+
+
+def log_activation(x, cfg):
+    if not cfg.use_log_act:
+        return x
+    return LogActivation(cfg.alpha, cfg.beta, name="log_activation", dtype="float32")(x)

@@ -1,0 +1,67 @@
+"""Pre-activation ResNet ("v2", He et al. 2016) as the original AiryNet built it (ORIGINAL.md §3).
+
+Every block starts with BN + activation; the first block of each group takes its 1x1 projection
+shortcut from that pre-activated tensor. The stem conv has no BN/activation of its own (v2), only the
+log activation when --use_log_act.
+"""
+import keras
+
+from nn import layers
+
+# resnet_size -> (blocks per group, bottleneck blocks?)
+SIZES = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+    200: ((3, 24, 36, 3), True),
+}
+GROUP_FILTERS = (64, 128, 256, 512)
+GROUP_STRIDES = (1, 2, 2, 2)
+
+
+def _block(x, filters, strides, project, bottleneck, cfg, name):
+    """A basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x filters) block, strided in its 3x3."""
+    shortcut = x
+    x = layers.batch_norm_act(x, cfg, f"{name}_pre")
+    if project:
+        shortcut = layers.conv(x, 4 * filters if bottleneck else filters, 1, strides, cfg, f"{name}_proj")
+    if bottleneck:
+        x = layers.conv(x, filters, 1, 1, cfg, f"{name}_conv1")
+        x = layers.batch_norm_act(x, cfg, f"{name}_mid1")
+        x = layers.conv(x, filters, 3, strides, cfg, f"{name}_conv2")
+        x = layers.batch_norm_act(x, cfg, f"{name}_mid2")
+        x = layers.conv(x, 4 * filters, 1, 1, cfg, f"{name}_conv3")
+    else:
+        x = layers.conv(x, filters, 3, strides, cfg, f"{name}_conv1")
+        x = layers.batch_norm_act(x, cfg, f"{name}_mid1")
+        x = layers.conv(x, filters, 3, 1, cfg, f"{name}_conv2")
+    return keras.layers.Add(name=f"{name}_add")([x, shortcut])
+
+
+def build(cfg):
+    blocks, bottleneck = SIZES[cfg.resnet_size]
+    df = layers.data_format(cfg)
+    stem = layers.stem_dtype(cfg)
+    inputs, x = layers.network_input(cfg, stem)
+
+    x = layers.conv(x, 64, 7, 2, cfg, "initial_conv", dtype=stem)
+    x = layers.log_activation(x, cfg)
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", data_format=df, name="initial_max_pool")(x)
+
+    for group, (n_blocks, filters, strides) in enumerate(zip(blocks, GROUP_FILTERS, GROUP_STRIDES), 1):
+        for i in range(n_blocks):
+            first = i == 0
+            x = _block(x, filters, strides if first else 1, first, bottleneck, cfg, f"group{group}_block{i + 1}")
+    # The Grad-CAM target: the fourth group's output, before the final BN + activation.
+    x = keras.layers.Identity(name="last_block_before_fc")(x)
+
+    x = layers.batch_norm_act(x, cfg, "final")
+    # Global average pooling works for any input size; at 224 px the map is 7x7 and this equals the
+    # original's 7x7 VALID average pool.
+    x = keras.layers.GlobalAveragePooling2D(data_format=df, name="final_avg_pool")(x)
+    # tf.layers.dense defaults as in the original (Glorot uniform, bias); float32 logits under any policy.
+    logits = keras.layers.Dense(cfg.num_classes, kernel_regularizer=layers.kernel_regularizer(cfg),
+                                dtype="float32", name="final_dense")(x)
+    return keras.Model(inputs, logits, name=f"resnet{cfg.resnet_size}")
