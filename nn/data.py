@@ -257,12 +257,13 @@ class CxiFile:
                             ids[i], int((~finite[i]).sum()))
             images[~finite] = 0.0
         if labels is None:
-            labels = np.zeros((len(images), 0), np.float32)
+            labels = np.zeros((len(images), 0), np.float32)  # no labels: an empty column block
         return images, labels, ids
 
 
 def _cxi_records(files, cfg, mode, split, one_pass):
-    """Shots of CXI files, read in ordered parallel slabs; -> (image, label, id, global index)."""
+    """Shots of CXI files, read in ordered parallel slabs, as dicts: image, bunch_id, index
+    (over all files) and, where every file has them, label."""
     readers = [CxiFile(f, cfg, needs_labels=mode in ("train", "eval")) for f in files]
     shot_bytes = cfg.ori_height * cfg.ori_width * cfg.ori_depth * 4
     per_slab = int(np.clip(SLAB_BYTES // shot_bytes, 1, 64))
@@ -276,27 +277,28 @@ def _cxi_records(files, cfg, mode, split, one_pass):
     def read_slab(slab):
         file_index, start, stop, first = (int(v) for v in slab)
         images, labels, ids = readers[file_index].read(start, stop)
-        if not has_labels:
-            labels = np.zeros((len(images), 0), np.float32)
-        return images, labels, ids, np.arange(first, first + stop - start, dtype=np.int64)
+        return images, labels[:, :num_labels], ids, np.arange(first, first + stop - start, dtype=np.int64)
 
     def read(slab):
         images, labels, ids, index = tf.numpy_function(read_slab, [slab], [tf.float32, tf.float32, tf.int64,
                                                                            tf.int64])
-        images = tf.reshape(images, [-1, cfg.ori_height, cfg.ori_width, cfg.ori_depth])
-        return (images, tf.reshape(labels, [-1, num_labels]), tf.reshape(ids, [-1]), tf.reshape(index, [-1]))
+        shots = {"image": tf.reshape(images, [-1, cfg.ori_height, cfg.ori_width, cfg.ori_depth]),
+                 "bunch_id": tf.reshape(ids, [-1]), "index": tf.reshape(index, [-1])}
+        if has_labels:
+            shots["label"] = tf.reshape(labels, [-1, num_labels])
+        return shots
 
     ds = tf.data.Dataset.from_tensor_slices(np.array(slabs, np.int64).reshape(-1, 4))
     if not one_pass:
         ds = ds.shuffle(len(slabs), seed=cfg.random_seed)
     ds = ds.map(read, num_parallel_calls=cfg.num_worker, deterministic=True).unbatch()
     if split is not None:  # one file set for all modes: hold out every eval_every-th shot
-        held_out = lambda *s: tf.equal(s[3] % cfg.eval_every, cfg.eval_every - 1)
+        held_out = lambda shot: tf.equal(shot["index"] % cfg.eval_every, cfg.eval_every - 1)
         if split == "train":
-            ds = ds.filter(lambda *s: tf.logical_not(held_out(*s)))
+            ds = ds.filter(lambda shot: tf.logical_not(held_out(shot)))
         elif split == "eval":
             ds = ds.filter(held_out)
-    return ds, has_labels
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,8 +330,8 @@ def _synthetic_records(cfg, mode):
 
     def generate(start):
         images, labels, ids = tf.numpy_function(make, [start], [tf.float32, tf.float32, tf.int64])
-        images = tf.reshape(images, [-1, cfg.ori_height, cfg.ori_width, 1])
-        return images, tf.reshape(labels, [-1, cfg.num_classes]), tf.reshape(ids, [-1]), tf.reshape(ids, [-1])
+        return {"image": tf.reshape(images, [-1, cfg.ori_height, cfg.ori_width, 1]),
+                "label": tf.reshape(labels, [-1, cfg.num_classes]), "bunch_id": tf.reshape(ids, [-1])}
 
     ds = tf.data.Dataset.from_tensor_slices(starts)
     ds = ds.map(generate, num_parallel_calls=cfg.num_worker, deterministic=True).unbatch()
@@ -354,9 +356,9 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
             check_tfrecord(f, cfg, mode, max_records=1)
         records = _tfrecord_records(files, cfg, mode, one_pass)
     elif kind == "cxi":
-        records, has_labels = _cxi_records(files, cfg, mode, split, one_pass)
+        records = _cxi_records(files, cfg, mode, split, one_pass)
     else:
-        records, has_labels = _synthetic_records(cfg, mode), True
+        records = _synthetic_records(cfg, mode)
     shard_index, shard_count = shard
     if input_context is not None:
         shard_count *= input_context.num_input_pipelines
@@ -374,10 +376,8 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
         if kind == "tfrecord":
             images, extra = _decode_records(batch, cfg, mode)
         else:
-            images, labels, ids, _ = batch
-            extra = {"bunch_id": ids}
-            if has_labels:
-                extra["label"] = labels
+            images = batch["image"]
+            extra = {k: batch[k] for k in ("bunch_id", "label") if k in batch}
         images = preprocess(images, cfg, training=training, seed=seed)
         if mode == "predict":
             return dict(extra, image=images)

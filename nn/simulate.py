@@ -211,13 +211,13 @@ def _droplet_intensity(rng, labels, q, q2):
     intensity = amp * amp
 
     if labels[NEWTON_RINGS] or labels[ASYMMETRIC]:
-        kdz = rng.uniform(100.0, 200.0) if labels[NEWTON_RINGS] else rng.uniform(80.0, 160.0)
+        kdz = rng.uniform(90.0, 220.0) if labels[NEWTON_RINGS] else rng.uniform(80.0, 160.0)
         offset = rng.uniform(0.0, 0.7) if labels[NEWTON_RINGS] else rng.uniform(10.0, 24.0)
         # Fringe circles are centred where q.d is stationary: DISTANCE * d_perp / d_z from the centre.
         d_perp = kdz * offset / DISTANCE
         phi = rng.uniform(0, 2 * np.pi)
         d = np.array([d_perp * np.cos(phi), d_perp * np.sin(phi), kdz], np.float32)
-        f = rng.uniform(0.4, 1.0)            # fluence on the second droplet
+        f = rng.uniform(0.3, 1.0)            # fluence on the second droplet
         intensity *= 1 + f + 2 * np.sqrt(f) * np.cos(np.tensordot(d, q, 1))
     if labels[DOUBLE_RINGS]:
         small = rng.uniform(0.4, 0.65)
@@ -237,7 +237,10 @@ def simulate_shot(rng, size):
         intensity, radius = _droplet_intensity(rng, labels, q, q2)
         edge_photons = np.exp(rng.uniform(np.log(0.5), np.log(10.0)))
         # Sphere envelope 9 / (qR)^4 at the crop edge -> edge_photons.
-        mean += (edge_photons * (Q_EDGE * radius) ** 4 / 9.0) * intensity
+        # A diffuse droplet surface (Gaussian interface of width sigma) damps the amplitude by
+        # exp(-q^2 sigma^2 / 2): the |q|^-4 fall-off steepens by a random amount per shot.
+        sigma = rng.uniform(0.0, 3.3)
+        mean += (edge_photons * (Q_EDGE * radius) ** 4 / 9.0) * intensity * np.exp(-sigma * sigma * q2)
     stray = np.exp(rng.uniform(np.log(1.0), np.log(30.0)))
     mean += stray * np.exp(-(pixel_radius - BEAM_STOP) / 2.0) + rng.uniform(0.002, 0.03)
     counts = rng.poisson(mean * response)

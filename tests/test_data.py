@@ -1,0 +1,206 @@
+"""The input pipeline: each reader, the preprocessing, the synthetic source and bad input."""
+import logging
+import os
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import SIZE, make_cfg
+from nn import data
+from nn.config import AiryNetError
+
+
+def crops(images):
+    """The centre 32x32 of 40x40 shots: what crop-to-power-of-two keeps (resize to 32 is then exact)."""
+    return images[:, 4:36, 4:36].astype(np.float32)
+
+
+def collect(ds):
+    out = {}
+    for batch in ds:
+        items = batch.items() if isinstance(batch, dict) else zip(("image", "label"), batch)
+        for k, v in items:
+            out.setdefault(k, []).append(v.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def test_crop_size():
+    assert [data.crop_size(n) for n in (259, 1035, 256, 40, 7)] == [256, 1024, 256, 32, 4]
+
+
+def test_tfrecord_eval_gives_cropped_counts_and_labels(tfrecord_dir, shots):
+    cfg = make_cfg(f"--data_dir={tfrecord_dir}")
+    got = collect(data.dataset(cfg, "eval", one_pass=True))
+    np.testing.assert_array_equal(got["image"][..., 0], crops(shots[0][16:]))
+    np.testing.assert_array_equal(got["label"], shots[1][16:])
+
+
+def test_tfrecord_predict_reads_bunch_ids_in_order(tfrecord_dir):
+    cfg = make_cfg(f"--data_dir={tfrecord_dir}", "--mode=predict", "--load_dir=x")
+    got = collect(data.dataset(cfg, "predict"))
+    assert got["bunch_id"].tolist() == list(range(1000, 1008))
+    assert "label" not in got and got["image"].shape == (8, 32, 32, 1)
+
+
+def test_cxidb_predict_uses_one_hot_argmax(tmp_path, shots):
+    os.makedirs(tmp_path / "cxidb")
+    one_hot = np.eye(11, dtype=np.int16)[[3, 0, 7]]
+    data.write_tfrecord(str(tmp_path / "cxidb" / "a_predict.tfrecord"), shots[0][:3], one_hot)
+    cfg = make_cfg(f"--data_dir={tmp_path}/", "--dataset=cxidb")
+    got = collect(data.dataset(cfg, "predict"))
+    assert got["bunch_id"].tolist() == [3, 0, 7]
+    np.testing.assert_array_equal(got["label"], one_hot)
+
+
+def test_predict_shards_take_every_nth_record(tfrecord_dir):
+    cfg = make_cfg(f"--data_dir={tfrecord_dir}")
+    assert collect(data.dataset(cfg, "predict", shard=(1, 3)))["bunch_id"].tolist() == [1001, 1004, 1007]
+
+
+def test_cxi_per_shot_layout(cxi_dir, shots):
+    cfg = make_cfg(f"--data_dir={cxi_dir}", "--dataset=shots")
+    got = collect(data.dataset(cfg, "eval", one_pass=True))
+    np.testing.assert_array_equal(got["image"][..., 0], crops(shots[0][16:]))
+    np.testing.assert_array_equal(got["label"], shots[1][16:])
+    predicted = collect(data.dataset(cfg, "predict"))
+    assert predicted["bunch_id"].tolist() == list(range(516, 524))
+    np.testing.assert_array_equal(predicted["label"], shots[1][16:])
+
+
+def test_single_stacked_file_is_split_deterministically(cxi_dir, shots):
+    cfg = make_cfg(f"--data_dir={cxi_dir}", "--dataset=stacked")
+    evaluated = collect(data.dataset(cfg, "eval", one_pass=True))
+    trained = collect(data.dataset(cfg, "train", one_pass=True))
+    predicted = collect(data.dataset(cfg, "predict"))
+    held_out = [9, 19]  # every 10th shot
+    np.testing.assert_array_equal(evaluated["image"][..., 0], crops(shots[0][held_out]))
+    kept = [i for i in range(24) if i not in held_out]
+    np.testing.assert_array_equal(trained["image"][..., 0], crops(shots[0][kept]))
+    assert predicted["bunch_id"].tolist() == list(range(900, 924))
+
+
+def test_stacked_mask_bits_and_nan_pixels_become_zero(tmp_path, shots, caplog):
+    images = shots[0][:4].astype(np.float32)
+    images[2, 20, 21] = np.nan
+    mask = np.zeros((SIZE, SIZE), np.uint32)
+    mask[18, 18] = 0x8          # dead pixel: masked
+    mask[19, 19] = 0x2          # a bit that does not mean invalid: kept
+    os.makedirs(tmp_path / "d")
+    data.write_cxi_stacked(str(tmp_path / "d" / "x_predict.cxi"), images, None, None, mask)
+    cfg = make_cfg(f"--data_dir={tmp_path}/", "--dataset=d")
+    with caplog.at_level(logging.WARNING, logger="airynet"):
+        got = collect(data.dataset(cfg, "predict"))
+    assert got["bunch_id"].tolist() == [0, 1, 2, 3]  # no IDs stored: the index
+    assert np.all(got["image"][:, 14, 14, 0] == 0) and got["image"][2, 16, 17, 0] == 0
+    np.testing.assert_array_equal(got["image"][:, 15, 15, 0], images[:, 19, 19])
+    assert np.isfinite(got["image"]).all()
+    assert "shot 2" in caplog.text and "NaN/Inf" in caplog.text
+
+
+def test_preprocessing_scaling_rgb_and_downsampling(tfrecord_dir, shots):
+    cfg = make_cfg(f"--data_dir={tfrecord_dir}", "--use_log_act=false", "--target_depth=3",
+                   "--target_width=16", "--target_height=16")
+    got = collect(data.dataset(cfg, "eval", one_pass=True))["image"]
+    assert got.shape == (8, 16, 16, 3)
+    np.testing.assert_array_equal(got[..., 0], got[..., 2])
+    # A bilinear 2x reduction (half-pixel centres) is the mean of each 2x2 block.
+    blocks = crops(shots[0][16:]).reshape(8, 16, 2, 16, 2).mean(axis=(2, 4)) / 65535.0
+    np.testing.assert_allclose(got[..., 0], blocks, rtol=1e-5, atol=1e-7)
+
+
+def test_training_flips_images_and_is_deterministic(tfrecord_dir, shots):
+    cfg = make_cfg(f"--data_dir={tfrecord_dir}")
+    first = [b[0].numpy() for b in data.dataset(cfg, "train").take(4)]
+    again = [b[0].numpy() for b in data.dataset(cfg, "train").take(4)]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+    sources = crops(shots[0][:16])
+    variants = {"none": sources, "lr": sources[:, :, ::-1], "ud": sources[:, ::-1], "both": sources[:, ::-1, ::-1]}
+    seen = set()
+    for image in np.concatenate(first)[..., 0]:
+        match = [k for k, v in variants.items() if any(np.array_equal(image, s) for s in v)]
+        assert match, "a training image is not a flip of any stored shot"
+        seen.update(match)
+    assert len(seen) >= 3
+
+
+def test_synthetic_source_needs_no_files(tmp_path):
+    cfg = make_cfg(f"--data_dir={tmp_path}/", "--dataset=synthetic", "--dataset_size=40")
+    a = collect(data.dataset(cfg, "predict"))
+    b = collect(data.dataset(cfg, "predict"))
+    first, last = data.synthetic_range(cfg, "predict")
+    assert a["bunch_id"].tolist() == list(range(first, last)) and first == 40
+    assert a["image"].shape == (last - first, 32, 32, 1) and a["label"].shape == (last - first, 11)
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def error_of(cfg, mode="train", read=False):
+    with pytest.raises(AiryNetError) as e:
+        ds = data.dataset(cfg, mode)
+        if read:
+            try:
+                for _ in ds.take(100):
+                    pass
+            except tf.errors.OpError as err:
+                raise data.describe_failure(cfg, mode, err)
+    return str(e.value)
+
+
+def test_missing_directory(tmp_path):
+    assert "does not exist" in error_of(make_cfg(f"--data_dir={tmp_path}/", "--dataset=nope"))
+
+
+def test_directory_without_matching_files(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    message = error_of(make_cfg(f"--data_dir={tmp_path}/", "--dataset=empty"))
+    assert "*train.tfrecord" in message and "empty/" in message
+
+
+def test_zero_byte_tfrecord(tmp_path):
+    os.makedirs(tmp_path / "z")
+    (tmp_path / "z" / "a_train.tfrecord").write_bytes(b"")
+    message = error_of(make_cfg(f"--data_dir={tmp_path}/", "--dataset=z"))
+    assert "a_train.tfrecord" in message and "0 bytes" in message
+
+
+def test_truncated_tfrecord_names_file_and_record(tmp_path, shots):
+    os.makedirs(tmp_path / "t")
+    path = tmp_path / "t" / "a_train.tfrecord"
+    data.write_tfrecord(str(path), shots[0][:6], shots[1][:6])
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 700])  # cuts into the last record
+    message = error_of(make_cfg(f"--data_dir={tmp_path}/", "--dataset=t"), read=True)
+    assert "a_train.tfrecord: record 5: truncated" in message
+
+
+def test_label_vector_of_wrong_length(tfrecord_dir):
+    message = error_of(make_cfg(f"--data_dir={tfrecord_dir}", "--num_classes=10"))
+    assert "shots_train.tfrecord: record 0: label has 22 bytes" in message and "--num_classes" in message
+
+
+def test_image_of_wrong_size(tfrecord_dir):
+    message = error_of(make_cfg(f"--data_dir={tfrecord_dir}", "--ori_width=50", "--ori_height=50"))
+    assert "record 0: image has 3200 bytes" in message and "--ori_height" in message
+
+
+def test_cxi_without_labels_cannot_train(tmp_path, shots):
+    os.makedirs(tmp_path / "u")
+    data.write_cxi_stacked(str(tmp_path / "u" / "x_train.cxi"), shots[0][:4])
+    message = error_of(make_cfg(f"--data_dir={tmp_path}/", "--dataset=u"))
+    assert "x_train.cxi: no labels" in message
+
+
+def test_cxi_of_wrong_image_size(cxi_dir):
+    message = error_of(make_cfg(f"--data_dir={cxi_dir}", "--dataset=shots", "--ori_width=64", "--ori_height=64"))
+    assert "run_train.cxi: images are 40x40" in message
+
+
+def test_hdf5_file_that_is_not_cxi(tmp_path):
+    os.makedirs(tmp_path / "h")
+    with h5py.File(tmp_path / "h" / "x_train.h5", "w") as f:
+        f["something"] = np.zeros(3)
+    assert "x_train.h5: no shots found" in error_of(make_cfg(f"--data_dir={tmp_path}/", "--dataset=h"))
