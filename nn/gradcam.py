@@ -20,7 +20,7 @@ import tensorflow as tf
 
 def activation_model(model, layer_name):
     """A model with the same input that returns (activations of `layer_name`, logits)."""
-    return keras.Model(model.inputs, [model.get_layer(layer_name).output, model.outputs[0]])
+    return keras.Model(model.input, [model.get_layer(layer_name).output, model.output])
 
 
 def is_channels_first(model):

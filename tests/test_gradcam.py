@@ -32,6 +32,20 @@ def nonlinear_head_model(k=4, classes=3, seed=0):
     return keras.Model(inputs, keras.layers.Dense(classes, name="final_dense")(x))
 
 
+def per_class_gradients(act_model, image, classes):
+    """(A [h, w, K], [dS_c/dA for each class c]) of one image, with one ordinary gradient per class,
+    independent of the batch Jacobian (in a tf.function: eager execution is very slow here)."""
+    @tf.function
+    def grad(c):
+        with tf.GradientTape() as tape:
+            acts, logits = act_model(image, training=False)
+            score = logits[0, c]
+        return acts[0], tape.gradient(score, acts)[0]
+
+    results = [grad(tf.constant(c)) for c in range(classes)]
+    return results[0][0].numpy(), np.array([g.numpy() for _, g in results])
+
+
 def reference_maps(acts, grads):
     """Eq. 19 written out per class and channel with plain numpy loops: acts [h, w, K], grads [C, h, w, K]."""
     maps = []
@@ -70,15 +84,9 @@ def test_matches_per_class_reference_on_nonlinear_head():
     images = np.random.default_rng(1).gamma(1.0, 5.0, (3, 8, 8, 1)).astype(np.float32)
     maps = gradcam.gradcam_plus_plus(model, images, LAYER)
     act_model = gradcam.activation_model(model, LAYER)
-    x = tf.constant(images)
     for b in range(3):
-        grads = []
-        for c in range(3):  # one ordinary gradient per class, independent of the batch Jacobian
-            with tf.GradientTape() as tape:
-                acts, logits = act_model(x[b:b + 1], training=False)
-                score = logits[0, c]
-            grads.append(tape.gradient(score, acts)[0].numpy())
-        np.testing.assert_allclose(maps[b], reference_maps(acts[0].numpy(), np.array(grads)), atol=1e-5)
+        acts, grads = per_class_gradients(act_model, images[b:b + 1], 3)
+        np.testing.assert_allclose(maps[b], reference_maps(acts, grads), atol=1e-5)
     # Each map is scaled to [0, 1]: its maximum is 1, or 0 for a class with no positive evidence.
     peaks = maps.max(axis=(2, 3))
     assert maps.min() >= 0 and np.all(np.isclose(peaks, 1) | (peaks == 0)) and (peaks == 1).sum() >= 6
@@ -131,13 +139,7 @@ def test_real_networks_nchw_equals_nhwc(arch, size):
     assert maps["true"].min() >= 0 and maps["true"].max() <= 1
     np.testing.assert_allclose(maps["true"], maps["false"], atol=1e-4)
     # And the channels_first maps equal eq. 19 from one ordinary gradient per class.
-    act_model = gradcam.activation_model(models["true"], layer)
-    grads = []
-    for c in range(11):
-        with tf.GradientTape() as tape:
-            acts, logits = act_model(images[:1], training=False)
-            score = logits[0, c]
-        grads.append(np.transpose(tape.gradient(score, acts)[0].numpy(), [1, 2, 0]))
-    expected = reference_maps(np.transpose(acts[0].numpy(), [1, 2, 0]), np.array(grads))
+    acts, grads = per_class_gradients(gradcam.activation_model(models["true"], layer), images[:1], 11)
+    expected = reference_maps(np.transpose(acts, [1, 2, 0]), np.transpose(grads, [0, 2, 3, 1]))
     np.testing.assert_allclose(maps["true"][0], expected, atol=1e-4)
     assert (maps["true"].max(axis=(2, 3)) == 1).any()

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Throughput figures, printed (never asserted): input pipeline, training and prediction.
+
+    python scripts/benchmark.py input      # TFRecord and CXI readers, 259x259 -> 224x224, batch 24
+    python scripts/benchmark.py train      # ResNet-18 224x224x1 batch 24: bare step vs the real loop
+    python scripts/benchmark.py predict    # ResNet-18 224x224x1 batch 24: without and with Grad-CAM++
+
+Common flags: --size (stored), --target, --batch_size, --resnet_size, --steps; the data is synthetic,
+written once to --work (default /tmp/airynet-bench).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from nn import config, data, simulate  # noqa: E402
+
+
+def make_cfg(args, *flags):
+    return config.parse_args([f"--ori_width={args.size}", f"--ori_height={args.size}",
+                              f"--target_width={args.target}", f"--target_height={args.target}",
+                              f"--batch_size={args.batch_size}", f"--resnet_size={args.resnet_size}",
+                              f"--num_worker={args.num_worker}", "--use_nchw=false", *flags])
+
+
+def write_data(args, n=2000):
+    """A TFRecord, a stacked CXI and a per-shot CXI directory of n synthetic shots, written once."""
+    dirs = {k: os.path.join(args.work, f"{k}{args.size}") for k in ("tfrecord", "stacked", "shots")}
+    if not all(os.path.isdir(d) for d in dirs.values()):
+        images, labels = simulate.simulate(n, 1, args.size)
+        ids = np.arange(n)
+        for d in dirs.values():
+            os.makedirs(d, exist_ok=True)
+        data.write_tfrecord(os.path.join(dirs["tfrecord"], "b_train.tfrecord"), images, labels)
+        data.write_cxi_stacked(os.path.join(dirs["stacked"], "b_train.cxi"), images, labels, ids)
+        data.write_cxi_shots(os.path.join(dirs["shots"], "b_train.cxi"), images, labels, ids)
+    return dirs
+
+
+def images_per_second(ds, batches, batch_size):
+    it = iter(ds)
+    for _ in range(5):  # warm-up: fill the shuffle buffer and the prefetch queues
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def bench_input(args):
+    dirs = write_data(args)
+    print(f"input pipeline, {args.size}x{args.size} uint16 -> {args.target}x{args.target}, batch {args.batch_size}, "
+          f"train mode (shuffle, flips), {args.num_worker} workers, {os.cpu_count()} cores")
+    for name, directory in dirs.items():
+        cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}")
+        rates = [images_per_second(data.dataset(cfg, "train"), args.steps, args.batch_size) for _ in range(2)]
+        print(f"  {name:<9} {max(rates):8.0f} img/s  (runs: {', '.join(f'{r:.0f}' for r in rates)})")
+
+
+def bench_train(args):
+    from nn import train
+    from nn.networks import build_model
+    cfg = make_cfg(args, "--dataset=synthetic")
+    model = build_model(cfg)
+    optimizer = train.make_optimizer(cfg, model)
+    images = tf.random.uniform([args.batch_size, args.target, args.target, 1], 0, 1000)
+    labels = tf.cast(tf.random.uniform([args.batch_size, cfg.num_classes]) > 0.5, tf.float32)
+
+    @tf.function
+    def bare_step():
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = train.loss_terms(cfg, model, labels, logits, args.batch_size)["loss"]
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    bare_step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        bare_step()
+    bare = args.steps * args.batch_size / (time.perf_counter() - start)
+    print(f"train ResNet-{args.resnet_size} {args.target}x{args.target}x1 batch {args.batch_size}")
+    print(f"  bare train step (in-memory batch): {bare:8.1f} img/s")
+
+    # The real code path: airynet's training loop on TFRecords, timed by the difference of two runs of
+    # different length, so that start-up (model build, tracing) cancels out.
+    dirs = write_data(args)
+    import airynet
+    seconds = {}
+    for steps in (args.steps // 4, args.steps + args.steps // 4):
+        flags = ["--mode=train", f"--data_dir={args.work}/", f"--dataset=tfrecord{args.size}",
+                 f"--log_dir={args.work}/runs", f"--out_dir_name=bench{time.time_ns()}", f"--train_steps={steps}",
+                 f"--steps_per_eval={steps}", "--eval_steps=1", f"--log_step={steps}", "--dataset_size=2000",
+                 f"--ori_width={args.size}", f"--ori_height={args.size}", f"--target_width={args.target}",
+                 f"--target_height={args.target}", f"--batch_size={args.batch_size}",
+                 f"--resnet_size={args.resnet_size}", "--log_level=WARN"]
+        start = time.perf_counter()
+        assert airynet.main(flags) == 0
+        seconds[steps] = time.perf_counter() - start
+    (short, t_short), (long, t_long) = sorted(seconds.items())
+    loop = (long - short) * args.batch_size / (t_long - t_short)
+    print(f"  airynet training loop (TFRecord input, flips, checkpoints): {loop:8.1f} img/s "
+          f"({100 * (bare / loop - 1):+.1f}% time per step over the bare step)")
+
+
+def bench_predict(args):
+    from nn import predict
+    from nn.networks import build_model
+    cfg = make_cfg(args, "--dataset=synthetic")
+    model = build_model(cfg)
+    rates = predict.benchmark(cfg, model, args.steps)
+    print(f"predict ResNet-{args.resnet_size} {args.target}x{args.target}x1 batch {args.batch_size}")
+    for name, rate in rates.items():
+        print(f"  {name:<28} {rate:8.1f} img/s")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("input", "train", "predict"))
+    p.add_argument("--size", type=int, default=259)
+    p.add_argument("--target", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=24)
+    p.add_argument("--resnet_size", type=int, default=18)
+    p.add_argument("--num_worker", type=int, default=4)
+    p.add_argument("--steps", type=int, default=40, help="Batches timed (input: per run).")
+    p.add_argument("--work", default="/tmp/airynet-bench")
+    args = p.parse_args()
+    {"input": bench_input, "train": bench_train, "predict": bench_predict}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Write the synthetic helium dataset to disk, in the original TFRecord schema or as CXI files.
+
+    python scripts/make_dataset.py --out=../datasets/synthetic --format=tfrecord --size=259
+
+writes part{K}_train.*, part{K}_eval.* and part{K}_predict.* files (at most --per_file shots each), with
+the same shots as `--dataset=synthetic` generates in memory for the same --random_seed, --dataset_size
+and size: train = shots 0..dataset_size-1, eval and predict = the held-out shots after them. Predict
+TFRecords hold bunch IDs (the shot index) instead of labels, as the original's helium files did.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from nn import config, data, simulate  # noqa: E402
+
+EXTENSIONS = {"tfrecord": "tfrecord", "cxi_shots": "cxi", "cxi_stacked": "cxi"}
+
+
+def write_split(out, fmt, mode, first, last, seed, size, per_file):
+    for part, start in enumerate(tqdm(range(first, last, per_file), desc=mode, unit="file")):
+        count = min(per_file, last - start)
+        images, labels = simulate.simulate(count, seed, size, start=start)
+        ids = np.arange(start, start + count)
+        path = os.path.join(out, f"part{part:03d}_{mode}.{EXTENSIONS[fmt]}")
+        if fmt == "tfrecord":
+            data.write_tfrecord(path, images, ids.astype(np.int32) if mode == "predict" else labels)
+        elif fmt == "cxi_shots":
+            data.write_cxi_shots(path, images, labels, ids)
+        else:
+            data.write_cxi_stacked(path, images, labels, ids)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="Output directory (data_dir + dataset for airynet.py).")
+    p.add_argument("--format", choices=sorted(EXTENSIONS), default="tfrecord")
+    p.add_argument("--size", type=int, default=259, help="Stored image size (pass it as --ori_width/height).")
+    p.add_argument("--dataset_size", type=int, default=7264, help="Training shots.")
+    p.add_argument("--random_seed", type=int, default=1612)
+    p.add_argument("--per_file", type=int, default=1024, help="Shots per file.")
+    p.add_argument("--modes", default="train,eval,predict")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    existing = [f for f in os.listdir(args.out) if f.startswith("part")]
+    if existing:
+        sys.exit(f"make_dataset.py: error: {args.out} already holds dataset files ({existing[0]}, ...); "
+                 f"choose another --out")
+    cfg = config.parse_args([f"--dataset_size={args.dataset_size}"])
+    for mode in args.modes.split(","):
+        first, last = data.synthetic_range(cfg, mode)
+        write_split(args.out, args.format, mode, first, last, args.random_seed, args.size, args.per_file)
+    print(f"Wrote {args.format} files to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
