@@ -313,12 +313,6 @@ def synthetic_range(cfg, mode):
 
 
 def _synthetic_records(cfg, mode):
-    if cfg.ori_height != cfg.ori_width or cfg.ori_depth != 1:
-        raise AiryNetError(f"--ori_height/--ori_width/--ori_depth: the synthetic dataset is square and "
-                           f"gray, got {cfg.ori_height}x{cfg.ori_width}x{cfg.ori_depth}")
-    if cfg.num_classes != len(config.HELIUM_CLASSES):
-        raise AiryNetError(f"--num_classes={cfg.num_classes}: the synthetic dataset has "
-                           f"{len(config.HELIUM_CLASSES)} classes")
     first, last = synthetic_range(cfg, mode)
     chunk = 32
     starts = np.arange(first, last, chunk, dtype=np.int64)
@@ -341,6 +335,25 @@ def _synthetic_records(cfg, mode):
 # ----------------------------------------------------------------------------------------------
 # The pipeline
 
+def check_sources(cfg, mode):
+    """find_files plus cheap checks (each TFRecord's first record, each CXI file's layout, the synthetic
+    sizes), so that mistakes show before a run creates anything. -> (kind, files, split)."""
+    kind, files, split = find_files(cfg, mode)
+    if kind == "tfrecord":
+        for f in files:
+            check_tfrecord(f, cfg, mode, max_records=1)
+    elif kind == "cxi":
+        for f in files:
+            CxiFile(f, cfg, needs_labels=mode in ("train", "eval")).h5.close()
+    elif cfg.ori_height != cfg.ori_width or cfg.ori_depth != 1:
+        raise AiryNetError(f"--ori_height/--ori_width/--ori_depth: the synthetic dataset is square and "
+                           f"gray, got {cfg.ori_height}x{cfg.ori_width}x{cfg.ori_depth}")
+    elif cfg.num_classes != len(config.HELIUM_CLASSES):
+        raise AiryNetError(f"--num_classes={cfg.num_classes}: the synthetic dataset has "
+                           f"{len(config.HELIUM_CLASSES)} classes")
+    return kind, files, split
+
+
 def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
     """Batches of `mode` data ready for the network; see the module docstring for their structure.
 
@@ -350,10 +363,8 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
     """
     if one_pass is None:
         one_pass = mode == "predict"
-    kind, files, split = find_files(cfg, mode)
+    kind, files, split = check_sources(cfg, mode)
     if kind == "tfrecord":
-        for f in files:  # cheap checks of every file's first record, so mistakes show before training
-            check_tfrecord(f, cfg, mode, max_records=1)
         records = _tfrecord_records(files, cfg, mode, one_pass)
     elif kind == "cxi":
         records = _cxi_records(files, cfg, mode, split, one_pass)
