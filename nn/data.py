@@ -19,6 +19,7 @@ the source has labels, "label".
 import glob
 import logging
 import os
+import re
 
 import h5py
 import numpy as np
@@ -112,12 +113,14 @@ def _decode_records(serialized, cfg, mode):
     key = image_key(cfg)
     features = tf.io.parse_example(serialized, {key: tf.io.FixedLenFeature([], tf.string),
                                                 LABEL_KEY: tf.io.FixedLenFeature([], tf.string)})
+    # Explicit batch sizes: a wrong byte count must fail the reshape, not change the number of shots.
+    n = tf.shape(serialized)[0]
     images = tf.io.decode_raw(features[key], tf.uint16)
-    images = tf.reshape(images, [-1, cfg.ori_height, cfg.ori_width, cfg.ori_depth])
+    images = tf.reshape(images, [n, cfg.ori_height, cfg.ori_width, cfg.ori_depth])
     if mode == "predict" and not is_one_hot_predict(cfg):
-        bunch_id = tf.reshape(tf.io.decode_raw(features[LABEL_KEY], tf.int32), [-1])
+        bunch_id = tf.reshape(tf.io.decode_raw(features[LABEL_KEY], tf.int32), [n])
         return tf.cast(images, tf.float32), {"bunch_id": tf.cast(bunch_id, tf.int64)}
-    labels = tf.reshape(tf.io.decode_raw(features[LABEL_KEY], tf.int16), [-1, cfg.num_classes])
+    labels = tf.reshape(tf.io.decode_raw(features[LABEL_KEY], tf.int16), [n, cfg.num_classes])
     labels = tf.cast(labels, tf.float32)
     if mode == "predict":  # cxidb variant: the ID is the one-hot label's argmax
         return tf.cast(images, tf.float32), {"bunch_id": tf.argmax(labels, axis=1), "label": labels}
@@ -155,8 +158,7 @@ def check_tfrecord(path, cfg, mode, max_records=None):
             if n_label != expected_label:
                 raise AiryNetError(f"{path}: record {index}: label has {n_label} bytes, expected {label_text}")
     except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
-        raise AiryNetError(f"{path}: record {index + 1}: truncated or corrupt TFRecord "
-                           f"({e.message.splitlines()[0]})") from e
+        raise AiryNetError(f"{path}: record {index + 1}: truncated or corrupt TFRecord ({tf_message(e)})") from e
     except Exception as e:
         if isinstance(e, AiryNetError):
             raise
@@ -172,6 +174,10 @@ def _tfrecord_records(files, cfg, mode, one_pass):
 # ----------------------------------------------------------------------------------------------
 # CXI / HDF5
 
+def _is_real_number(dtype):
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_
+
+
 class CxiFile:
     """Layout of one CXI/HDF5 file, read from its metadata only (the shots are read in slabs)."""
 
@@ -184,10 +190,18 @@ class CxiFile:
     def __init__(self, path, cfg, needs_labels):
         self.path = path
         try:
-            h5 = h5py.File(path, "r")
+            self.h5 = h5py.File(path, "r")
         except OSError as e:
             raise AiryNetError(f"{path}: not a readable HDF5/CXI file ({e})") from e
-        self.h5 = h5
+        try:
+            self._inspect(cfg, needs_labels)
+        except AiryNetError:
+            raise
+        except Exception as e:  # h5py reports damaged metadata as KeyError, OSError, ValueError, ...
+            raise AiryNetError(f"{path}: damaged or unreadable CXI/HDF5 file ({type(e).__name__}: {e})") from e
+
+    def _inspect(self, cfg, needs_labels):
+        h5, path = self.h5, self.path
         stacked = next((p for p in self.IMAGE_PATHS if p in h5 and h5[p].ndim == 3), None)
         if stacked:
             self.layout = "stacked"
@@ -218,7 +232,16 @@ class CxiFile:
             where = "--cxi_labels or " + ", ".join(self.LABEL_PATHS) if self.layout == "stacked" \
                 else "/entry_N/note_1/data"
             raise AiryNetError(f"{path}: no labels ({where}), which training and eval need")
+        image_dtype = (h5[self.image_path] if self.layout == "stacked"
+                       else h5[self.entries[0]]["instrument_1/detector_1/data"]).dtype
+        if not _is_real_number(image_dtype):
+            raise AiryNetError(f"{path}: images have dtype {image_dtype}, expected integers or floats")
         if self.label_path is not None:
+            labels = h5[self.label_path] if self.layout == "stacked" else h5[self.entries[0]][self.label_path]
+            if not _is_real_number(labels.dtype):
+                raise AiryNetError(f"{path}: labels have dtype {labels.dtype}, expected 0/1 numbers")
+            if self.layout == "stacked" and labels.shape[0] != self.count:
+                raise AiryNetError(f"{path}: {labels.shape[0]} labels for {self.count} shots")
             n = self._label_length()
             if n != cfg.num_classes:
                 raise AiryNetError(f"{path}: labels have {n} entries per shot, expected "
@@ -231,6 +254,12 @@ class CxiFile:
 
     def read(self, start, stop):
         """Shots [start, stop) -> images float32 [n,H,W], labels float32 [n,C] (zeros if none), ids int64 [n]."""
+        try:
+            return self._read(start, stop)
+        except Exception as e:  # corrupt chunks, wrong dtypes or shapes: name the file and the shots
+            raise OSError(f"{self.path}: shots {start}-{stop - 1}: {type(e).__name__}: {e}") from e
+
+    def _read(self, start, stop):
         h5 = self.h5
         if self.layout == "stacked":
             images = h5[self.image_path][start:stop].astype(np.float32)
@@ -398,13 +427,28 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
     return ds.prefetch(AUTOTUNE)
 
 
+def tf_message(error):
+    """The first line of a TensorFlow error without its graph-node prefix and op suffix."""
+    text = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
+
+
+# What TensorFlow raises when a record cannot be decoded (InvalidArgument), a TFRecord is corrupt
+# (DataLoss) or a Python reader fails inside tf.numpy_function (Unknown).
+READ_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError, tf.errors.UnknownError)
+
+
 def describe_failure(cfg, mode, error):
     """Turn a TensorFlow error raised while reading `mode` data into an AiryNetError naming the culprit."""
     kind, files, _ = find_files(cfg, mode)
     if kind == "tfrecord":
-        for f in files:
+        for f in files:  # a full scan finds the file and record, and raises
             check_tfrecord(f, cfg, mode)
-    first_line = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    first_line = tf_message(error)
+    python_error = re.search(r"\b\w+Error: (.*)$", first_line)  # a CXI reader's error names its file
+    if python_error:
+        return AiryNetError(python_error.group(1))
     return AiryNetError(f"{dataset_dir(cfg)}: reading {mode} data failed: {first_line}")
 
 
