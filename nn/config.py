@@ -19,8 +19,8 @@ CONFIG_FILE = "config.json"
 
 # Flags that describe one invocation rather than the run: they are never taken from a saved config.
 PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "predict_dir", "overwrite",
-                  "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "h5_layout",
-                  "eval_steps", "use_nchw", "num_cpu_replicas"}
+                  "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "save_images", "h5_layout",
+                  "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile"}
 
 
 class AiryNetError(Exception):
@@ -116,6 +116,12 @@ def build_parser():
     g.add_argument("--beta", type=float, default=0.0, help="Beta of the log activation.")
     g.add_argument("--use_nchw", type=str2bool, default=True,
                    help="channels_first tensors (fast on NVIDIA GPUs; on a CPU it needs oneDNN).")
+    g.add_argument("--mixed_precision", type=str, default="none", choices=("none", "bf16", "fp16"),
+                   help="Compute in bfloat16 or float16 with float32 weights (GPUs; fp16 adds dynamic loss "
+                        "scaling). The input layers up to the log activation and the logits stay float32. "
+                        "Much slower on CPUs.")
+    g.add_argument("--jit_compile", type=str2bool, default=False,
+                   help="Compile the training step with XLA.")
 
     g.add_argument("--num_cpu_replicas", type=int, default=1,
                    help="Split the CPU into this many logical devices and mirror training over them "
@@ -130,6 +136,9 @@ def build_parser():
     g.add_argument("--h5_layout", type=str, default="stacked", choices=("stacked", "per_shot"),
                    help="Prediction HDF5 layout: chunked stacked datasets, or one group per shot "
                         "as the original wrote.")
+    g.add_argument("--save_images", type=str2bool, default=True,
+                   help="Store the network-input images in the stacked prediction HDF5 (the per_shot layout "
+                        "always does).")
     g.add_argument("--save_npy", type=str2bool, default=False,
                    help="Also write the original's pickled {dataset}.npy dict.")
     g.add_argument("--num_shards", type=int, default=None,

@@ -14,7 +14,6 @@ with respect to A: it only runs backwards through the network's head (the layers
 for all classes cost little over the forward pass, which is computed once.
 """
 import keras
-import numpy as np
 import tensorflow as tf
 
 

@@ -32,18 +32,19 @@ def nonlinear_head_model(k=4, classes=3, seed=0):
     return keras.Model(inputs, keras.layers.Dense(classes, name="final_dense")(x))
 
 
-def per_class_gradients(act_model, image, classes):
-    """(A [h, w, K], [dS_c/dA for each class c]) of one image, with one ordinary gradient per class,
-    independent of the batch Jacobian (in a tf.function: eager execution is very slow here)."""
+def per_class_gradients(act_model, images, classes):
+    """(A [h, w, K], [dS_c/dA for c in classes]) of the first image, with one ordinary gradient per
+    class, independent of the batch Jacobian. (Batches of 2: oneDNN's channels_first conv costs
+    ~0.2 s per call at batch 1 on this CPU.)"""
     @tf.function
-    def grad(c):
-        with tf.GradientTape() as tape:
-            acts, logits = act_model(image, training=False)
-            score = logits[0, c]
-        return acts[0], tape.gradient(score, acts)[0]
+    def grads():
+        with tf.GradientTape(persistent=True) as tape:
+            acts, logits = act_model(images, training=False)
+            scores = [logits[0, c] for c in classes]
+        return acts[0], [tape.gradient(score, acts)[0] for score in scores]
 
-    results = [grad(tf.constant(c)) for c in range(classes)]
-    return results[0][0].numpy(), np.array([g.numpy() for _, g in results])
+    acts, per_class = grads()
+    return acts.numpy(), np.array([g.numpy() for g in per_class])
 
 
 def reference_maps(acts, grads):
@@ -85,7 +86,7 @@ def test_matches_per_class_reference_on_nonlinear_head():
     maps = gradcam.gradcam_plus_plus(model, images, LAYER)
     act_model = gradcam.activation_model(model, LAYER)
     for b in range(3):
-        acts, grads = per_class_gradients(act_model, images[b:b + 1], 3)
+        acts, grads = per_class_gradients(act_model, np.roll(images, -b, axis=0), range(3))
         np.testing.assert_allclose(maps[b], reference_maps(acts, grads), atol=1e-5)
     # Each map is scaled to [0, 1]: its maximum is 1, or 0 for a class with no positive evidence.
     peaks = maps.max(axis=(2, 3))
@@ -120,26 +121,33 @@ def test_resize_maps_keeps_range_and_shape():
 
 
 @pytest.mark.parametrize("arch, size", [("resnet", 64), ("vgg", 32)])
-def test_real_networks_nchw_equals_nhwc(arch, size):
-    """Both networks, built channels_first and channels_last with the same weights, give the same
-    maps [B, 11, h, w] at the resolution of last_block_before_fc."""
-    args = [f"--airynet_type={arch}", f"--target_height={size}", f"--target_width={size}",
-            "--num_classes=11"]
-    models = {}
-    for nchw in ("true", "false"):
-        keras.utils.set_random_seed(0)
-        models[nchw] = networks.build_model(config.parse_args(args + [f"--use_nchw={nchw}"]))
-    models["false"].set_weights(models["true"].get_weights())  # kernels are layout-independent
+def test_real_networks(arch, size):
+    """Both networks (channels_first, the default) give maps [B, 11, h, w] at the resolution of
+    last_block_before_fc that equal eq. 19 from one ordinary gradient per class."""
+    cfg = config.parse_args([f"--airynet_type={arch}", f"--target_height={size}", f"--target_width={size}",
+                             "--num_classes=11", "--use_nchw=true"])
+    keras.utils.set_random_seed(0)
+    model = networks.build_model(cfg)
+    layer = networks.gradcam_layer_name(cfg)
     images = np.random.default_rng(4).gamma(0.5, 50.0, (2, size, size, 1)).astype(np.float32)
-    layer = networks.gradcam_layer_name(config.parse_args(args))
-    maps = {k: gradcam.gradcam_plus_plus(m, images, layer) for k, m in models.items()}
+    maps = gradcam.gradcam_plus_plus(model, images, layer)
     # ResNet: 64 px / stride 32 = 2; VGG: 32 px / 4 pools before the target = 2.
-    assert maps["true"].shape == (2, 11, 2, 2)
-    assert not np.isnan(maps["true"]).any()
-    assert maps["true"].min() >= 0 and maps["true"].max() <= 1
-    np.testing.assert_allclose(maps["true"], maps["false"], atol=1e-4)
-    # And the channels_first maps equal eq. 19 from one ordinary gradient per class.
-    acts, grads = per_class_gradients(gradcam.activation_model(models["true"], layer), images[:1], 11)
+    assert maps.shape == (2, 11, 2, 2)
+    assert not np.isnan(maps).any() and maps.min() >= 0 and maps.max() <= 1
+    assert (maps.max(axis=(2, 3)) == 1).any()
+    # Three classes suffice and keep the VGG's 4096-wide head affordable (one backward pass each).
+    classes = [0, 5, 10]
+    acts, grads = per_class_gradients(gradcam.activation_model(model, layer), images, classes)
     expected = reference_maps(np.transpose(acts, [1, 2, 0]), np.transpose(grads, [0, 2, 3, 1]))
-    np.testing.assert_allclose(maps["true"][0], expected, atol=1e-4)
-    assert (maps["true"].max(axis=(2, 3)) == 1).any()
+    np.testing.assert_allclose(maps[0, classes], expected, atol=1e-4)
+
+
+def test_channels_first_equals_channels_last():
+    """The same ResNet weights built NCHW and NHWC give the same maps (the layout is detected)."""
+    args = ["--target_height=64", "--target_width=64", "--num_classes=11"]
+    models = [networks.build_model(config.parse_args(args + [f"--use_nchw={v}"])) for v in ("true", "false")]
+    models[1].set_weights(models[0].get_weights())  # kernels are layout-independent
+    assert gradcam.is_channels_first(models[0]) and not gradcam.is_channels_first(models[1])
+    images = np.random.default_rng(5).gamma(0.5, 50.0, (2, 64, 64, 1)).astype(np.float32)
+    nchw, nhwc = (gradcam.gradcam_plus_plus(m, images, LAYER) for m in models)
+    np.testing.assert_allclose(nchw, nhwc, atol=1e-4)

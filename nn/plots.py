@@ -1,0 +1,247 @@
+"""Pictures to look at before trusting the network (CLI: scripts/plot.py). Matplotlib only, no TensorFlow.
+
+- `gallery(h5_path, out_png, ...)`: from a predictions file (either h5 layout), one row per shot: the
+  image as fed to the network on a log scale, then a Grad-CAM++ overlay for each predicted class
+  (most probable first), titled with the class name and its probability.
+- `eval_plots(run_dir, out_dir)`: from RUN/eval/scores.npz (written by --mode=eval: `probabilities`
+  and `labels` [N, C], `class_names` [C]): per-class confusion counts at the 0.5 threshold
+  (confusion.png) and precision-recall curves with their average precision (pr_curves.png).
+
+Every PNG is written to a temporary name and renamed when complete.
+"""
+import os
+
+import h5py
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from nn.config import AiryNetError  # noqa: E402
+
+MAX_OVERLAYS = 4  # Grad-CAM++ panels per shot
+PANEL_INCHES = 2.3
+DPI = 100
+
+
+def _save(fig, path, overwrite):
+    if os.path.exists(path) and not overwrite:
+        plt.close(fig)
+        raise AiryNetError(f"{path}: exists; pass --overwrite=true or choose another output")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".partial"
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise AiryNetError(f"{path}: writing the picture failed ({e.strerror or e})") from e
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Gallery of predictions
+
+def read_shots(h5_path, count=8, start=0, class_name=None):
+    """Up to `count` shots from record `start` on (only those predicted as `class_name`, if given) as
+    (class_names, [{"name", "image" [H, W], "probs" [C], "preds" [C], "maps" [C, h, w] or None}])."""
+    try:
+        f = h5py.File(h5_path, "r")
+    except OSError as e:
+        raise AiryNetError(f"{h5_path}: cannot open it as HDF5 ({e})") from e
+    with f:
+        layout = f.attrs.get("layout")
+        if layout not in ("stacked", "per_shot"):
+            raise AiryNetError(f"{h5_path}: not an AiryNet predictions file (no layout attribute)")
+        names = [str(n) for n in f.attrs["class_names"]]
+        wanted = None
+        if class_name is not None:
+            if class_name not in names:
+                raise AiryNetError(f"--class={class_name}: not one of {', '.join(names)}")
+            wanted = names.index(class_name)
+        if layout == "stacked":
+            if "images" not in f:
+                raise AiryNetError(f"{h5_path}: holds no images (the run did not save them)")
+            preds = f["preds"][:]
+            rows = [i for i in range(start, len(preds)) if wanted is None or preds[i, wanted]][:count]
+            shots = [{"name": str(f["bids"][i]), "image": f["images"][i], "probs": f["probs"][i],
+                      "preds": preds[i], "maps": f["grad_cam"][i].astype(np.float32) if "grad_cam" in f else None}
+                     for i in rows]
+        else:
+            shots = []
+            for name in list(f.keys())[start:]:
+                g = f[name]
+                if wanted is not None and not g["prediction"][wanted]:
+                    continue
+                maps = np.array([g[f"{c}/grad_cam"][:] for c in range(len(names))]) if "0" in g else None
+                shots.append({"name": name, "image": g["img"][:], "probs": g["probability"][:],
+                              "preds": g["prediction"][:], "maps": maps})
+                if len(shots) == count:
+                    break
+    if not shots:
+        raise AiryNetError(f"{h5_path}: no shots to show from record {start}"
+                           + (f" predicted as {class_name}" if class_name else ""))
+    for shot in shots:
+        image = np.asarray(shot["image"], np.float32)
+        shot["image"] = image.mean(axis=-1) if image.ndim == 3 else image
+    return names, shots
+
+
+def _log_norm(image):
+    """Log colour scale from a low percentile of the positive pixels to the maximum."""
+    positive = image[image > 0]
+    if positive.size == 0:
+        return None
+    top = float(positive.max())
+    return LogNorm(vmin=min(float(np.percentile(positive, 5)), top / 10), vmax=top, clip=True)
+
+
+def _overlay(ax, image, norm, cam):
+    """The image in gray with the map on top in red to yellow, transparent where the map is low, so
+    that the pattern stays visible and the colour marks where the evidence is."""
+    h, w = image.shape
+    ax.imshow(image, cmap="gray", norm=norm, interpolation="nearest")
+    cam = np.clip(cam, 0, 1)
+    rgba = plt.get_cmap("autumn")(cam)
+    rgba[..., 3] = 0.75 * cam ** 1.5
+    # extent stretches a map at the network layer's resolution over the whole image, bilinearly.
+    ax.imshow(rgba, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+
+
+def gallery(h5_path, out_png, count=8, start=0, class_name=None, overwrite=False):
+    """Render the gallery PNG (see the module docstring). Returns out_png."""
+    names, shots = read_shots(h5_path, count, start, class_name)
+    order = [np.argsort(-s["probs"]) for s in shots]
+    shown = [[c for c in o if s["preds"][c]][:MAX_OVERLAYS] or list(o[:1]) for s, o in zip(shots, order)]
+    has_maps = shots[0]["maps"] is not None
+    cols = 1 + (max(len(s) for s in shown) if has_maps else 0)
+    fig, axes = plt.subplots(len(shots), cols, figsize=(cols * PANEL_INCHES, len(shots) * (PANEL_INCHES + 0.5)),
+                             squeeze=False)
+    for row, (shot, classes) in zip(axes, zip(shots, shown)):
+        for ax in row:
+            ax.axis("off")
+        norm = _log_norm(shot["image"])
+        row[0].imshow(shot["image"], cmap="magma", norm=norm, interpolation="nearest")
+        predicted = ", ".join(names[c] for c in classes if shot["preds"][c]) or "no class"
+        row[0].set_title(f"shot {shot['name']} (log scale)\n{predicted}", fontsize=8)
+        if not has_maps:
+            continue
+        for ax, c in zip(row[1:], classes):
+            _overlay(ax, shot["image"], norm, shot["maps"][c])
+            note = "" if shot["preds"][c] else "\n(top class, below 0.5)"
+            ax.set_title(f"{names[c]}  p={shot['probs'][c]:.2f}{note}", fontsize=8)
+    fig.suptitle(f"{os.path.basename(h5_path)}\nGrad-CAM++ of the predicted classes\n(red to yellow: more "
+                 f"evidence)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
+    return _save(fig, out_png, overwrite)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+def read_scores(run_dir):
+    path = os.path.join(run_dir, "eval", "scores.npz")
+    if not os.path.isfile(path):
+        raise AiryNetError(f"{path}: missing; run --mode=eval --load_dir={run_dir} first")
+    with np.load(path, allow_pickle=False) as z:
+        probs, labels = z["probabilities"].astype(np.float64), z["labels"] > 0.5
+        names = [str(n) for n in z["class_names"]] if "class_names" in z else list(map(str, range(probs.shape[1])))
+    return path, probs, labels, names
+
+
+def confusion_counts(probs, labels):
+    """tp, fn, fp, tn per class at the threshold 0.5, as int arrays [C]."""
+    preds = probs >= 0.5
+    return ((preds & labels).sum(0), (~preds & labels).sum(0), (preds & ~labels).sum(0),
+            (~preds & ~labels).sum(0))
+
+
+def precision_recall(scores, labels):
+    """Precision and recall at every distinct threshold, from the highest score down (starting at
+    recall 0, precision 1), and the average precision sum_k (R_k - R_k-1) P_k. None without positives."""
+    positives = labels.sum()
+    if positives == 0:
+        return None
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tp = np.cumsum(labels)[last_of_tie]
+    fp = last_of_tie + 1 - tp
+    precision = np.r_[1.0, tp / (tp + fp)]
+    recall = np.r_[0.0, tp / positives]
+    return precision, recall, float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def eval_plots(run_dir, out_dir=None, overwrite=False):
+    """confusion.png and pr_curves.png in out_dir (default RUN/eval). Returns their paths."""
+    path, probs, labels, names = read_scores(run_dir)
+    out_dir = out_dir or os.path.join(run_dir, "eval")
+    tp, fn, fp, tn = confusion_counts(probs, labels)
+    return [_confusion_figure(names, tp, fn, fp, tn, len(probs), path, os.path.join(out_dir, "confusion.png"),
+                              overwrite),
+            _pr_figure(names, probs, labels, path, os.path.join(out_dir, "pr_curves.png"), overwrite)]
+
+
+def _confusion_figure(names, tp, fn, fp, tn, shots, source, out_png, overwrite):
+    counts = np.stack([tp, fn, fp, tn], axis=1)
+    # Colour: the share of the class's positives (TP, FN) or negatives (FP, TN), so rare and common
+    # classes read alike; good cells (TP, TN) and bad cells (FN, FP) use their own colour maps.
+    pos, neg = np.maximum(tp + fn, 1)[:, None], np.maximum(fp + tn, 1)[:, None]
+    share = counts / np.concatenate([pos, pos, neg, neg], axis=1)
+    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(names) + 1.6))
+    good = np.ma.masked_array(share, mask=np.zeros_like(share, bool) | [[False, True, True, False]])
+    bad = np.ma.masked_array(share, mask=np.zeros_like(share, bool) | [[True, False, False, True]])
+    ax.imshow(good, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    ax.imshow(bad, cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=9,
+                color="white" if share[i, j] > 0.6 else "black")
+    precision = np.divide(tp, tp + fp, out=np.full(len(tp), np.nan), where=tp + fp > 0)
+    recall = np.divide(tp, tp + fn, out=np.full(len(tp), np.nan), where=tp + fn > 0)
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.full(len(tp), np.nan), where=2 * tp + fp + fn > 0)
+    def fmt(x):
+        return " -- " if np.isnan(x) else f"{x:.2f}"
+
+    for i in range(len(names)):
+        ax.text(3.6, i, f"P {fmt(precision[i])}   R {fmt(recall[i])}   F1 {fmt(f1[i])}", va="center",
+                fontsize=9, family="monospace")
+    ax.set_xticks(range(4), ["TP", "FN", "FP", "TN"])
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlim(-0.5, 6.4)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(length=0)
+    ax.set_title(f"Confusion counts per class at p >= 0.5 ({shots} shots)\n{source}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png, overwrite)
+
+
+def _pr_figure(names, probs, labels, source, out_png, overwrite):
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colours = plt.get_cmap("tab10").colors
+    for c, name in enumerate(names):
+        curve = precision_recall(probs[:, c], labels[:, c])
+        # Ten distinct colours, then the same colours dashed.
+        style = {"color": colours[c % 10], "ls": "-" if c < 10 else "--"}
+        if curve is None:
+            ax.plot([], [], **style, label=f"{name}: no positives")
+            continue
+        precision, recall, ap = curve
+        ax.step(recall, precision, where="post", lw=1.6, **style, label=f"{name} (AP {ap:.2f})")
+        tp, fn, fp, _ = (x[c] for x in confusion_counts(probs, labels))
+        if tp + fp:  # the operating point at the 0.5 threshold
+            ax.plot(tp / (tp + fn), tp / (tp + fp), "o", color=style["color"], ms=5)
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(f"Precision-recall per class (dots: threshold 0.5)\n{source}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png, overwrite)

@@ -1,0 +1,505 @@
+"""--mode=predict: classify every predict record once, in order, and stream the results to disk.
+
+Files, under --predict_dir (created when missing), named after --dataset; a sharded run (--num_shards
+> 1, or a SLURM job array) inserts `.shard{i}of{n}` (`helium.shard0of4.h5`), and `merge` (CLI:
+scripts/merge_predictions.py) joins the shards into the files an unsharded run writes. Shard i holds
+records i, i + n, i + 2n, ... of the record stream.
+
+`{dataset}.txt`: the original's header `Bunch_ID:\\tClasses:\\tProbabilities:`, then one line per shot:
+    <bunch ID>\\t[<0/1 flag per class, space-separated>]\\t[<probability per class, 4 decimals>]
+e.g. `1007\\t[0 1 0 0 0 0 0 0 0 0 0]\\t[0.0123 0.9871 0.0002 ...]`; strip the brackets and split on
+spaces to parse.
+
+`{dataset}.h5`, --h5_layout=stacked (default): one row per shot in chunked, gzip-compressed datasets
+(gzip, unlike lzf, is readable by every HDF5 build), grown batch by batch so memory stays flat:
+    bids      int64   [N]             bunch IDs
+    probs     float32 [N, C]          sigmoid of the logits (softmax with --single_label)
+    preds     uint8   [N, C]          0/1 class flags (logit > 0, i.e. round(probs))
+    grad_cam  float16 [N, C, h, w]    Grad-CAM++ maps in [0, 1] at the resolution of the network's
+                                      last conv block (7x7 at 224 px; absent with --gradcam=false).
+                                      They hold all the information: enlarge them bilinearly to the
+                                      image size (attribute `upsample_to`), as tf.image.resize does, or
+                                      let matplotlib's imshow(..., extent=...) stretch them. Stored at
+                                      224x224 they would take 1 MB per shot instead of 1 kB.
+    images    float32 [N, H, W, D]    the images as fed to the network (the gallery of scripts/plot.py
+                                      shows them)
+    labels    float32 [N, C]          only where the predict data has labels
+  plus, for CXI readers: `cxi_version` (160), `entry_1/result_1/score` (soft link to /probs),
+  `entry_1/result_1/headings` (the class names), `entry_1/data_1/data` (soft link to /images).
+  Root attributes: layout="stacked", class_names, and the run's settings.
+
+`{dataset}.h5`, --h5_layout=per_shot (the original's layout; slow at millions of shots): one group
+per shot, in record order (creation order is tracked), named by its bunch ID (a shot whose ID was seen
+before gets `_<record index>` appended); for data with labels (the cxidb variant) named by its record
+index and holding `ground_truth` (the label) and `pred` (the flags) as well. Each group holds `img`
+(the image as fed), `prediction` (uint8 flags), `probability` (float32) and subgroups `0`..`C-1`, each
+with `grad_cam` float32 [H, W] in [0, 1] at the network's input size (omitted with --gradcam=false).
+
+`{dataset}.npy` (only with --save_npy=true): the original's pickled dict
+`shot_00001 -> [bunch_id, flags, probabilities]`. Reading it needs np.load(..., allow_pickle=True),
+which can run code from a file someone else made; the txt and h5 files hold the same content without
+that hazard. The dict is kept in memory until the end of the run (about 200 bytes per shot).
+
+Every file is written under the name `<file>.partial` and renamed when complete, so a crash never
+leaves a file that looks finished; existing files are refused unless --overwrite=true.
+"""
+import contextlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import h5py
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from nn import config, data, gradcam, networks, train
+from nn.config import AiryNetError
+
+log = logging.getLogger("airynet")
+
+TXT_HEADER = "Bunch_ID:\tClasses:\tProbabilities:\n"
+CXI_VERSION = 160
+GZIP = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+CHUNK_BYTES = 256 << 10  # target size of an HDF5 chunk (uncompressed): several shots per chunk keeps
+                         # the chunk index, which HDF5 caches in memory, small
+
+
+# ----------------------------------------------------------------------------------------------
+# The computation: one tf.function per batch
+
+def make_step(cfg, model, maps="layer"):
+    """tf.function images [B, H, W, D] -> {"probabilities", "classes" (uint8) and, unless `maps` is
+    None, "grad_cam" float32 [B, C, h, w]}: at the target layer's resolution ("layer") or resized to
+    the input size ("resized")."""
+    spec = tf.TensorSpec([None, cfg.target_height, cfg.target_width, cfg.target_depth], tf.float32)
+
+    def outputs(logits):
+        return {"probabilities": train.probabilities(cfg, logits),
+                "classes": tf.cast(train.predicted_classes(cfg, logits), tf.uint8)}
+
+    if maps is None:
+        return tf.function(lambda images: outputs(model(images, training=False)), input_signature=[spec])
+    act_model = gradcam.activation_model(model, networks.gradcam_layer_name(cfg))
+    channels_first = gradcam.is_channels_first(model)
+
+    @tf.function(input_signature=[spec])
+    def step(images):
+        logits, cams = gradcam.logits_and_maps(act_model, images, channels_first)
+        if maps == "resized":
+            cams = gradcam.resize_maps(cams, (cfg.target_height, cfg.target_width))
+        return {**outputs(logits), "grad_cam": cams}
+
+    return step
+
+
+def benchmark(cfg, model, n_batches, repeats=2):
+    """{variant: images per second} of the predict step alone (no input pipeline, no files) on random
+    batches of cfg.batch_size: without maps, with the maps at layer resolution (the stacked layout) and
+    resized to the input (the per-shot layout). The variants take turns so that a neighbour's load on
+    the CPU hits them alike; the best of `repeats` rounds is reported."""
+    images = tf.random.uniform([cfg.batch_size, cfg.target_height, cfg.target_width, cfg.target_depth],
+                               0, 100 if cfg.use_log_act else 1)
+    variants = {"without maps": None, "with maps (layer size)": "layer", "with maps (resized)": "resized"}
+    steps = {name: make_step(cfg, model, maps) for name, maps in variants.items()}
+    for step in steps.values():
+        step(images)["probabilities"].numpy()  # trace and warm up
+    rates = {name: 0.0 for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(n_batches):
+                out = step(images)
+            out["probabilities"].numpy()
+            rates[name] = max(rates[name], n_batches * cfg.batch_size / (time.perf_counter() - start))
+    return rates
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files
+
+def shard_of(cfg):
+    """(index, count) of this job: the flags, else a SLURM job array, else (0, 1)."""
+    count = cfg.num_shards or int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    index = cfg.shard_index
+    if index is None:
+        index = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    if count < 1 or not 0 <= index < count:
+        raise AiryNetError(f"--shard_index={index}, --num_shards={count}: need 0 <= shard_index < num_shards")
+    return index, count
+
+
+def output_paths(predict_dir, dataset_name, shard=(0, 1), save_npy=False):
+    """{"txt", "h5"[, "npy"]} -> path."""
+    index, count = shard
+    stem = os.path.basename(os.path.normpath(dataset_name)) + (f".shard{index}of{count}" if count > 1 else "")
+    kinds = ("txt", "h5", "npy") if save_npy else ("txt", "h5")
+    return {kind: os.path.join(predict_dir, f"{stem}.{kind}") for kind in kinds}
+
+
+def _prepare(paths, overwrite):
+    """Create the output directory and refuse to replace existing files unless told to."""
+    directory = os.path.dirname(next(iter(paths.values())))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise AiryNetError(f"--predict_dir={directory}: cannot create it ({e.strerror})") from e
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing and not overwrite:
+        raise AiryNetError(f"{existing[0]}: exists; pass --overwrite=true to replace it or choose another "
+                           f"--predict_dir")
+
+
+class _Outputs:
+    """Writers that write to `<path>.partial` and appear under their final names only on commit().
+
+    Used as a context manager: leaving it without commit() (an error, Ctrl-C) removes the partial files
+    and leaves every existing file as it was. OSErrors become AiryNetErrors naming the file."""
+
+    def __init__(self, writers):
+        self.writers = writers
+
+    def __enter__(self):
+        return self
+
+    def write(self, batch):
+        for w in self.writers:
+            with _naming(w.tmp):
+                w.write(batch)
+
+    def commit(self):
+        for w in self.writers:
+            with _naming(w.tmp):
+                w.close()
+        for w in self.writers:
+            with _naming(w.path):
+                os.replace(w.tmp, w.path)
+        self.writers = []
+
+    def __exit__(self, *exc):
+        for w in self.writers:
+            try:
+                w.close()
+            except Exception:  # the file is deleted anyway; the first error is the one to report
+                pass
+            if os.path.exists(w.tmp):
+                os.remove(w.tmp)
+        return False
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """Turn an OSError (disk full, permissions) into an AiryNetError that names `path`."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e).strip().splitlines()[0]
+        raise AiryNetError(f"{path}: writing failed ({reason}); the partial file is removed, files completed "
+                           f"before are intact") from e
+
+
+class TxtWriter:
+    def __init__(self, path):
+        self.path, self.tmp = path, path + ".partial"
+        self.file = open(self.tmp, "w")
+        self.file.write(TXT_HEADER)
+
+    def write(self, batch):
+        self.file.writelines(format_txt_line(bid, flags, probs)
+                             for bid, flags, probs in zip(batch["bids"], batch["preds"], batch["probs"]))
+
+    def close(self):
+        self.file.close()
+
+
+def format_txt_line(bid, flags, probs):
+    return f"{bid}\t[{' '.join(str(int(f)) for f in flags)}]\t[{' '.join(f'{p:.4f}' for p in probs)}]\n"
+
+
+class StackedWriter:
+    """The stacked layout (see the module docstring). `fields`: name -> (dtype, shape per shot,
+    attributes); rows are appended with write({name: array [B, ...]})."""
+
+    def __init__(self, path, fields, class_names, attrs):
+        self.path, self.tmp = path, path + ".partial"
+        self.file = h5py.File(self.tmp, "w")
+        self.rows = 0
+        f = self.file
+        f.attrs.update({"layout": "stacked", "class_names": class_names, **attrs})
+        for name, (dtype, shape, attrs) in fields.items():
+            shape = tuple(shape)
+            rows = int(np.clip(CHUNK_BYTES // (np.dtype(dtype).itemsize * int(np.prod(shape))), 1, 4096))
+            f.create_dataset(name, shape=(0,) + shape, maxshape=(None,) + shape, dtype=dtype,
+                             chunks=(rows,) + shape, **GZIP).attrs.update(attrs)
+        f["cxi_version"] = CXI_VERSION
+        f["entry_1/result_1/score"] = h5py.SoftLink("/probs")
+        f["entry_1/result_1/headings"] = np.array(class_names, dtype=h5py.string_dtype())
+        if "images" in fields:
+            f["entry_1/data_1/data"] = h5py.SoftLink("/images")
+
+    def write(self, batch):
+        n = len(batch["bids"])
+        for name, values in batch.items():
+            if name in self.file:
+                ds = self.file[name]
+                ds.resize(self.rows + n, axis=0)
+                ds[self.rows:] = values
+        self.rows += n
+
+    def close(self):
+        self.file.close()
+
+
+class PerShotWriter:
+    """The original's layout: one group per shot (see the module docstring)."""
+
+    def __init__(self, path, class_names, attrs, shard=(0, 1)):
+        self.path, self.tmp = path, path + ".partial"
+        self.file = h5py.File(self.tmp, "w", track_order=True)
+        self.file.attrs.update({"layout": "per_shot", "class_names": class_names, **attrs})
+        self.shard = shard
+        self.rows = 0  # records written by this shard
+
+    def write(self, batch):
+        index, count = self.shard
+        for i, bid in enumerate(batch["bids"]):
+            record = (self.rows + i) * count + index  # the shot's index in the unsharded record stream
+            if "labels" in batch:
+                name = str(record)
+            else:
+                name = str(bid) if str(bid) not in self.file else f"{bid}_{record}"
+            g = self.file.create_group(name)
+            g["img"] = batch["images"][i]
+            g["prediction"] = batch["preds"][i]
+            g["probability"] = batch["probs"][i]
+            if "labels" in batch:
+                g["ground_truth"] = batch["labels"][i]
+                g["pred"] = batch["preds"][i]
+            if "grad_cam" in batch:
+                for c, cam in enumerate(batch["grad_cam"][i]):
+                    g[f"{c}/grad_cam"] = cam
+        self.rows += len(batch["bids"])
+
+    def close(self):
+        self.file.close()
+
+
+class NpyWriter:
+    """The original's pickled dict (only with --save_npy=true), written at the end."""
+
+    def __init__(self, path, shard=(0, 1)):
+        self.path, self.tmp = path, path + ".partial"
+        self.shard = shard
+        self.shots = {}
+        open(self.tmp, "wb").close()  # fail early if the file cannot be created
+
+    def write(self, batch):
+        index, count = self.shard
+        for bid, flags, probs in zip(batch["bids"], batch["preds"], batch["probs"]):
+            record = len(self.shots) * count + index
+            self.shots[f"shot_{record + 1:05d}"] = [int(bid), flags.copy(), probs.copy()]
+
+    def close(self):
+        if self.shots is not None:
+            with open(self.tmp, "wb") as f:
+                np.save(f, self.shots, allow_pickle=True)
+            self.shots = None
+
+
+def _attrs(cfg):
+    return {"dataset": cfg.dataset, "load_dir": cfg.load_dir, "network": (
+        f"resnet{cfg.resnet_size}" if cfg.airynet_type == "resnet" else f"vgg{cfg.vgg_size}"),
+        "gradcam": "Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19) of the class logits at layer "
+                   f"{networks.gradcam_layer_name(cfg)}" if cfg.gradcam else "off"}
+
+
+def map_size(cfg, model):
+    """(h, w) of the Grad-CAM++ maps at the target layer's resolution."""
+    shape = model.get_layer(networks.gradcam_layer_name(cfg)).output.shape
+    return tuple(shape[2:4]) if gradcam.is_channels_first(model) else tuple(shape[1:3])
+
+
+def _fields(cfg, map_shape, has_labels, images):
+    c = cfg.num_classes
+    fields = {"bids": ("int64", (), {}), "probs": ("float32", (c,), {}), "preds": ("uint8", (c,), {})}
+    if map_shape is not None:
+        fields["grad_cam"] = ("float16", (c,) + tuple(map_shape), {
+            "layer": networks.gradcam_layer_name(cfg), "upsample_to": [cfg.target_height, cfg.target_width],
+            "upsample_method": "bilinear, half-pixel centres (tf.image.resize)"})
+    if images:
+        fields["images"] = ("float32", (cfg.target_height, cfg.target_width, cfg.target_depth), {})
+    if has_labels:
+        fields["labels"] = ("float32", (c,), {})
+    return fields
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def run(cfg, model, dataset=None):
+    """Predict every record of `dataset` (default: nn.data.dataset(cfg, "predict", shard=...)) and
+    write the files described in the module docstring."""
+    shard = shard_of(cfg)
+    paths = output_paths(cfg.predict_dir, cfg.dataset, shard, cfg.save_npy)
+    _prepare(paths, cfg.overwrite)
+    from_files = dataset is None
+    if from_files:
+        dataset = data.dataset(cfg, "predict", shard=shard)
+    stacked = cfg.h5_layout == "stacked"
+    step = make_step(cfg, model, maps=("layer" if stacked else "resized") if cfg.gradcam else None)
+    # The per-shot layout always holds the image; --save_images=false leaves it out of the stacked file.
+    with_images = cfg.save_images or not stacked
+    has_labels = "label" in dataset.element_spec
+    names = config.class_names(cfg)
+    start, shots = time.perf_counter(), 0
+    with _Outputs([]) as out:
+        for kind, path in paths.items():
+            with _naming(path + ".partial"):
+                if kind == "txt":
+                    out.writers.append(TxtWriter(path))
+                elif kind == "npy":
+                    out.writers.append(NpyWriter(path, shard))
+                elif stacked:
+                    fields = _fields(cfg, map_size(cfg, model) if cfg.gradcam else None, has_labels, with_images)
+                    out.writers.append(StackedWriter(path, fields, names, _attrs(cfg)))
+                else:
+                    out.writers.append(PerShotWriter(path, names, _attrs(cfg), shard))
+        # One writer thread: batch k is compressed and written while batch k + 1 is computed (TensorFlow
+        # releases the GIL). At most one batch waits, so memory stays flat; its errors surface here.
+        with tqdm(unit="shot", desc=f"predict {os.path.basename(paths['h5'])}", dynamic_ncols=True,
+                  mininterval=2.0, disable=None) as bar, ThreadPoolExecutor(1) as writer:
+            pending = None
+            for batch in _reading(cfg, dataset, from_files):
+                result = step(batch["image"])
+                rows = {"bids": batch["bunch_id"].numpy(), "probs": result["probabilities"].numpy(),
+                        "preds": result["classes"].numpy()}
+                if cfg.gradcam:
+                    rows["grad_cam"] = result["grad_cam"].numpy()
+                if with_images:
+                    rows["images"] = batch["image"].numpy()
+                if has_labels:
+                    rows["labels"] = batch["label"].numpy()
+                if pending:
+                    pending.result()
+                pending = writer.submit(out.write, rows)
+                shots += len(rows["bids"])
+                bar.update(len(rows["bids"]))
+            if pending:
+                pending.result()
+        out.commit()
+    seconds = time.perf_counter() - start
+    if shots == 0:
+        log.warning("The predict data of shard %d of %d holds no shots; the files are empty", *shard)
+    log.info("Predicted %d shots in %.1f s (%.1f shots/s); wrote %s", shots, seconds, shots / seconds,
+             ", ".join(paths.values()))
+
+
+def _reading(cfg, dataset, from_files):
+    """Iterate `dataset`, turning a read failure of the predict files into an AiryNetError naming them."""
+    iterator = iter(dataset)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except data.READ_ERRORS as e:
+            if not from_files:
+                raise
+            raise data.describe_failure(cfg, "predict", e) from e
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging the shards of a job array
+
+MERGE_BLOCK_BYTES = 64 << 20  # rows are interleaved in blocks of about this size
+
+
+def merge(predict_dir, dataset_name, num_shards, overwrite=False):
+    """Join `{dataset}.shard{i}of{n}.*` into the files an unsharded run writes (same content, same
+    record order: record j comes from shard j % n). Returns the files written; the shards stay."""
+    finals = output_paths(predict_dir, dataset_name, save_npy=True)
+    shards = [output_paths(predict_dir, dataset_name, (i, num_shards), save_npy=True) for i in range(num_shards)]
+    kinds = [kind for kind in finals if any(os.path.exists(s[kind]) for s in shards)]
+    if num_shards < 2 or not kinds:
+        raise AiryNetError(f"{shards[0]['h5']}: no shard files of {num_shards} shards to merge")
+    for kind in kinds:
+        missing = [s[kind] for s in shards if not os.path.exists(s[kind])]
+        if missing:
+            raise AiryNetError(f"{missing[0]}: missing; every shard of the job must have finished")
+    paths = {kind: finals[kind] for kind in kinds}
+    _prepare(paths, overwrite)
+    merge_fns = {"txt": _merge_txt, "h5": _merge_h5, "npy": _merge_npy}
+    with _Outputs([]) as out:
+        for kind, path in paths.items():
+            with _naming(path + ".partial"):
+                merge_fns[kind](path, [s[kind] for s in shards], out.writers)
+        out.commit()
+    log.info("Merged %d shards into %s", num_shards, ", ".join(paths.values()))
+    return list(paths.values())
+
+
+def _merge_txt(path, sources, writers):
+    """Each merge function appends its writer to `writers` as soon as it exists, so that a failure
+    removes the partial file."""
+    writers.append(writer := TxtWriter(path))
+    files = [open(p) for p in sources]
+    try:
+        for f in files:
+            if f.readline() != TXT_HEADER:
+                raise AiryNetError(f"{f.name}: not a prediction txt file (wrong header)")
+        j = 0
+        while line := files[j % len(files)].readline():
+            writer.file.write(line)
+            j += 1
+    finally:
+        for f in files:
+            f.close()
+
+
+def _merge_npy(path, sources, writers):
+    writers.append(writer := NpyWriter(path))
+    # Our own shard files, written by this tool at the user's request (--save_npy=true).
+    parts = [np.load(p, allow_pickle=True).item() for p in sources]
+    iterators = [iter(part.items()) for part in parts]
+    for j in range(sum(len(part) for part in parts)):
+        key, value = next(iterators[j % len(iterators)])
+        writer.shots[key] = value
+
+
+def _merge_h5(path, sources, writers):
+    files = [h5py.File(p, "r") for p in sources]
+    f0 = files[0]
+    try:
+        layout = f0.attrs.get("layout")
+        attrs = {k: v for k, v in f0.attrs.items() if k not in ("layout", "class_names")}
+        names = [str(n) for n in f0.attrs["class_names"]]
+        if layout == "per_shot":
+            writers.append(writer := PerShotWriter(path, names, attrs))
+            groups = [list(f.keys()) for f in files]
+            for j in range(sum(len(g) for g in groups)):
+                name = groups[j % len(files)][j // len(files)]
+                target = name if name not in writer.file else f"{name}_{j}"
+                files[j % len(files)].copy(files[j % len(files)][name], writer.file, name=target)
+            return
+        if layout != "stacked":
+            raise AiryNetError(f"{sources[0]}: not an AiryNet prediction file (layout attribute {layout!r})")
+        rows = [name for name, ds in f0.items()  # the datasets with one row per shot
+                if isinstance(ds, h5py.Dataset) and ds.maxshape[:1] == (None,)]
+        fields = {name: (f0[name].dtype, f0[name].shape[1:], dict(f0[name].attrs)) for name in rows}
+        writers.append(writer := StackedWriter(path, fields, names, attrs))
+        row_bytes = sum(f0[name].dtype.itemsize * int(np.prod(f0[name].shape[1:])) for name in rows)
+        block = max(1, MERGE_BLOCK_BYTES // (row_bytes * len(files)))
+        for start in range(0, len(f0["bids"]), block):
+            batch = {}
+            for name in rows:
+                parts = [f[name][start:start + block] for f in files]
+                merged = np.empty((sum(len(p) for p in parts),) + parts[0].shape[1:], parts[0].dtype)
+                for i, part in enumerate(parts):
+                    merged[i::len(files)] = part  # shard i holds the records i, i + n, i + 2n, ...
+                batch[name] = merged
+            writer.write(batch)
+    finally:
+        for f in files:
+            f.close()
