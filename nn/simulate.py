@@ -1,73 +1,84 @@
 """Physics simulator of single-shot helium-nanodroplet diffraction, with ground-truth labels.
 
-Numpy only. Each shot is the far-field intensity of one hit (or of no hit), in the first Born
+Numpy only. Each shot is the far-field intensity of one hit (or of no hit) in the first Born
 approximation, recorded on a flat detector in wide-angle geometry, with Poisson photon noise,
-a central beam-stop hole and a cross-shaped gap between four detector modules.
+a central beam-stop hole and a cross-shaped gap between four detector modules (zero counts).
+Shot i of set `seed` is drawn from np.random.default_rng([seed, i]) alone.
 
 Geometry
 --------
-Everything is defined relative to the central power-of-two crop that the input pipeline
-takes (259 -> 256): the crop's half width is 32 "network pixels" (one pixel of the 64x64
-network input) and sees a scattering angle of 30 degrees. So a pattern stored at 64, 128 or
-259 pixels is the same physics, sampled more or less finely, and every class-defining feature
-is at least ~3.5 network pixels wide: it survives the resize to 64x64.
+Everything is defined relative to the central power-of-two crop that the input pipeline takes
+(259 -> 256): the crop's half width is 32 "network pixels" (pixels of a 64x64 network input)
+and sees a scattering angle of 30 degrees. A pattern stored at 64, 128 or 259 pixels is the
+same physics, sampled more or less finely. Sphere ring periods are 3.6-12 network pixels and
+streaks 2-3 pixels wide, so the class-defining features survive the resize to 64x64.
 The momentum transfer of a pixel is q = k (s - z) (s: unit vector to the pixel, z: the beam),
-in units of the wave number k. It has a component q_z along the beam that grows like |q|^2;
-this Ewald-sphere curvature is what makes the "bent", "newton_rings" and "asymmetric" classes.
+in units of the wave number k. Its component q_z along the beam grows like |q|^2; this
+Ewald-sphere curvature makes the "bent", "newton_rings" and "asymmetric" patterns.
 
-Objects (Born approximation: amplitude = Fourier transform of the electron density)
-------------------------------------------------------------------------------------
-- Sphere of radius R: A = V * 3 (sin x - x cos x) / x^3 with x = |q| R -> Airy-like rings of
-  period ~pi/R, envelope falling as |q|^-4.
+Objects (Born approximation: amplitude = Fourier transform of the density)
+--------------------------------------------------------------------------
+- Sphere of radius R: A = V 3 (sin x - x cos x) / x^3 with x = |q| R -> rings of period
+  ~pi/R under an envelope falling as |q|^-4.
 - Spheroid with semi-axes a, a, c and symmetry axis n: the sphere amplitude with
   x = sqrt(a^2 |q|^2 + (c^2 - a^2) (q.n)^2), i.e. an effective radius along q.
-- Core-shell sphere: shell amplitude plus (core - shell) contrast times the core amplitude.
+- Core-shell: shell amplitude plus (core - shell) contrast times the core amplitude.
 - Droplet pair: A1 + A2 exp(i q.d); identical droplets give I1 (1 + f + 2 sqrt(f) cos(q.d)).
 - Thin jet with a Gaussian density profile along unit vector m:
-  A = V exp(-(L^2 (q.m)^2 + w^2 (|q|^2 - (q.m)^2)) / 2): a streak where q.m = 0.
+  A ~ exp(-(L^2 (q.m)^2 + w^2 (|q|^2 - (q.m)^2)) / 2): a streak where q.m = 0.
+- A diffuse droplet surface (Gaussian interface, random width) damps droplet amplitudes by
+  exp(-sigma^2 |q|^2 / 2), so the fall-off towards the edge differs from shot to shot.
 
-Classes and why each is visible (the 11 classes of the public data set, in its order)
--------------------------------------------------------------------------------------
-- spherical_oblate: a droplet of rotational (oblate or spherical) shape -> closed rings.
+Classes and why each is visible (the public data set's 11 classes, in its order)
+-------------------------------------------------------------------------------
+- spherical_oblate: a droplet of rotational, oblate or spherical, shape -> closed rings.
   Every such shot is exactly one of:
   - round: a sphere, or an oblate droplet seen along its axis -> circular rings
     (apparent axis ratio 1.00-1.03);
-  - elliptical: an oblate droplet (c/a >= 0.6) seen off-axis -> the rings are ellipses, long
-    axis of the pattern along the droplet's projected short axis (apparent ratio 1.15-1.45).
-- prolate: a prolate droplet (c/a 1.8-2.8, as rotating droplets become beyond the oblate
-  stability limit) seen from the side -> a strongly elongated pattern (ratio 1.6-2.6),
-  stretched perpendicular to the droplet's long axis. Never spherical_oblate.
-- streak: a thin jet attached to a prolate droplet, lying in the plane perpendicular to the
-  beam (elevation < 3 deg) -> a straight bright line through the centre, perpendicular to the jet.
-- bent: the same jet tilted out of that plane (elevation 30-55 deg): the plane q.m = 0 cuts
-  the Ewald sphere in a circle through the origin -> a curved streak.
-- asymmetric: two identical droplets displaced obliquely to the beam. Their fringes
-  cos(q.d) are circles centred 10-24 network pixels off the pattern centre (q_z breaks
-  Friedel symmetry at wide angles) -> sparse fringes on one side, dense on the other.
+  - elliptical: an oblate droplet (c/a >= 0.6) seen off-axis -> elliptical rings, stretched
+    along the droplet's projected short axis (apparent ratio 1.2-1.5).
+- prolate: a prolate droplet (c/a 1.8-2.8; fast-rotating droplets turn prolate beyond the
+  oblate stability limit) seen from the side -> a strongly elongated pattern (ratio
+  1.6-2.6), stretched perpendicular to the droplet's long axis. Never spherical_oblate.
+- streak: a thin jet through a prolate droplet, lying in the plane perpendicular to the
+  beam (elevation < 3 deg) -> a straight bright line through the centre, perpendicular to
+  the jet, reaching the edge.
+- bent: the same jet tilted out of that plane (elevation 55-75 deg): the plane q.m = 0 cuts
+  the Ewald sphere in a circle through the origin -> a streak curving into an arc.
+- asymmetric: two identical droplets displaced obliquely to the beam. Their fringes cos(q.d)
+  are circles centred 10-24 network pixels off the pattern centre (q_z breaks Friedel
+  symmetry at wide angles) -> sparse fringes on one side, dense on the other.
 - newton_rings: two identical droplets one behind the other along the beam -> fringes
-  cos(q_z d_z) with q_z ~ |q|^2: concentric dark rings at radii ~ sqrt(n) (Newton's rings)
-  superposed on the Airy rings.
-- double_rings: a second, smaller droplet (0.4-0.65 R) far off to the side in the focus. The
-  pair fringes are finer than a pixel and average out, so the two intensities add: a fine
-  ring system (large droplet) inside, a coarse one (small droplet) outside.
-- layered: a dense core (0.5-0.7 R) in a helium shell. Core and shell amplitudes of
-  comparable strength beat -> ring intensities fade to dark nodes every ~5 ring periods.
+  cos(q_z d_z) with q_z ~ |q|^2: concentric dark rings at radii ~ sqrt(n), like Newton's
+  rings, cutting through the droplet rings.
+- double_rings: a second, smaller droplet (0.4-0.65 R) elsewhere in the focus. Their pair
+  fringes are finer than a pixel and average out, so the two intensities add: the fine rings
+  of the large droplet inside, the coarse rings of the small one further out.
+- layered: a dense core (0.5-0.7 R) in a helium shell. Core and shell amplitudes of equal
+  strength at high q beat -> the rings fade to dark nodes every ~4-7 ring periods.
 - empty: no droplet in the focus -> only stray light around the beam stop and background.
-Flags such as newton_rings, double_rings, asymmetric and layered are drawn (one at most) for
-spherical_oblate shots; streak and bent (independently) for prolate shots.
+At most one of asymmetric, newton_rings, double_rings and layered is drawn for a
+spherical_oblate shot; at most one of streak and bent for a prolate shot.
+Random per shot: size, orientation, axis ratios, pair distances and fluences, jet direction,
+surface width, brightness, stray light and background.
 
-Intensities: the main droplet's |q|^-4 envelope at the crop edge is 0.5-10 photons per
-pixel (log-uniform), so rings next to the beam stop hold 10^3-10^5 photons, saturating at
-65535. Counts per pixel do not depend on the stored size.
+Shares (CLASS_SHARES; public data in brackets): spherical_oblate 88% (90.7), round 76.6%
+(79.7), elliptical 11.4% (11.0), prolate 9% (6.2), streak 3.6% (3.3), bent 4.5% (5.4),
+asymmetric 5.3% (5.1), newton_rings 6.6% (6.3), double_rings 4.4% (3.0), layered 4.4%
+(0.65), empty 3% (2.9). Rare classes are raised so that ~7k shots hold a few hundred each.
+
+Intensities: the sharp droplet's |q|^-4 envelope at the crop edge is 1-15 photons per pixel
+(log-uniform); rings beside the beam stop hold ~10^3-10^5 photons and saturate at 65535.
+Counts per pixel do not depend on the stored size.
 """
 import functools
 
 import numpy as np
 
-CLASS_NAMES = ["spherical_oblate", "round", "elliptical", "prolate", "streak", "bent",
-               "asymmetric", "newton_rings", "double_rings", "layered", "empty"]
+from nn.config import HELIUM_CLASSES
+
 (SPHERICAL_OBLATE, ROUND, ELLIPTICAL, PROLATE, STREAK, BENT,
- ASYMMETRIC, NEWTON_RINGS, DOUBLE_RINGS, LAYERED, EMPTY) = range(len(CLASS_NAMES))
+ ASYMMETRIC, NEWTON_RINGS, DOUBLE_RINGS, LAYERED, EMPTY) = range(len(HELIUM_CLASSES))
 
 # Shot kinds. Rare classes of the public data (double_rings 3%, layered 0.65%) are raised to a
 # few percent so that a classifier sees a few hundred of them in ~7k shots.
@@ -105,17 +116,22 @@ SATURATION = np.iinfo(np.uint16).max
 
 @functools.lru_cache(maxsize=8)
 def _geometry(size):
-    """Per-pixel q vector (3, size, size), |q|^2, detector response and radius."""
+    """Per-pixel q vector (3, size, size), |q|^2, detector response and stray-light profile."""
     crop = 1 << (size.bit_length() - 1)   # the pipeline's centre crop: largest power of two
     u = (np.arange(size) - size // 2) * (NET_PIXELS / crop)
     x, y = np.meshgrid(u, u)
     dist = np.sqrt(x * x + y * y + DISTANCE ** 2)
     q = np.stack([x / dist, y / dist, DISTANCE / dist - 1.0]).astype(np.float32)
-    radius = np.hypot(x, y).astype(np.float32)
+    radius = np.hypot(x, y)
     live = (radius >= BEAM_STOP) & (np.abs(x) >= GAP / 2) & (np.abs(y) >= GAP / 2)
     # The solid angle of a flat pixel falls as cos^3 of the scattering angle.
     response = np.where(live, (DISTANCE / dist) ** 3, 0.0).astype(np.float32)
-    return q, (q * q).sum(0), response, radius
+    # Stray light scattered off the beam-line apertures, falling off beside the beam stop.
+    stray = np.exp(-(radius - BEAM_STOP) / 2.0).astype(np.float32)
+    arrays = q, (q * q).sum(0), response, stray
+    for a in arrays:
+        a.flags.writeable = False   # cached and shared by every shot of this size
+    return arrays
 
 
 def _sphere(x):
@@ -154,14 +170,16 @@ def _oblate_view(rng, ratio):
 
 
 def _draw_labels(rng):
-    labels = np.zeros(len(CLASS_NAMES), np.int16)
+    """The shot's int16 label vector, drawn with the shares above and the hierarchy built in."""
+    labels = np.zeros(len(HELIUM_CLASSES), np.int16)
     u = rng.random()
     if u < P_EMPTY:
         labels[EMPTY] = 1
     elif u < P_EMPTY + P_PROLATE:
         labels[PROLATE] = 1
-        labels[STREAK] = rng.random() < P_STREAK_IF_PROLATE
-        labels[BENT] = rng.random() < P_BENT_IF_PROLATE
+        v = rng.random()   # one jet at most: straight or bent
+        labels[STREAK] = v < P_STREAK_IF_PROLATE
+        labels[BENT] = P_STREAK_IF_PROLATE <= v < P_STREAK_IF_PROLATE + P_BENT_IF_PROLATE
     else:
         labels[SPHERICAL_OBLATE] = 1
         labels[ELLIPTICAL if rng.random() < P_ELLIPTICAL_IF_SPHERICAL else ROUND] = 1
@@ -174,75 +192,76 @@ def _draw_labels(rng):
     return labels
 
 
-def _droplet_intensity(rng, labels, q, q2):
-    """Noise-free |amplitude|^2 of the hit, scaled to 1 at q = 0 for the main droplet alone,
-    and the main droplet's mean radius (in 1/k)."""
-    radius = rng.uniform(22.0, 44.0)        # ring period ~4-8 network pixels
+def _hit(rng, labels, q, q2):
+    """Mean photons per pixel scattered by the hit, before the detector response."""
+    # Equal-volume radius in 1/k, the same for every shape: sphere ring periods of 12 to 3.6
+    # network pixels.
+    radius = rng.uniform(15.0, 48.0)
     azimuth = rng.uniform(0, 2 * np.pi)
     if labels[PROLATE]:
         c_over_a = rng.uniform(1.8, 2.8)
         ratio = rng.uniform(1.6, min(2.6, 0.97 * c_over_a))
         tilt = np.arcsin(np.sqrt((ratio ** 2 - 1) / (c_over_a ** 2 - 1)))
     else:
-        ratio = rng.uniform(1.15, 1.45) if labels[ELLIPTICAL] else rng.uniform(1.0, 1.03)
+        ratio = rng.uniform(1.2, 1.5) if labels[ELLIPTICAL] else rng.uniform(1.0, 1.03)
         c_over_a, tilt = _oblate_view(rng, ratio)
-        radius *= 0.85 if labels[ELLIPTICAL] else 1.0   # keep the tight rings resolvable
-    if labels[PROLATE]:
-        radius *= 0.75
-    a = radius / c_over_a ** (1 / 3)         # equal volume to the sphere of `radius`
+    a = radius / c_over_a ** (1 / 3)           # semi-axes a, a, c = a c_over_a: volume of `radius`
     axis = np.array([np.sin(tilt) * np.cos(azimuth), np.sin(tilt) * np.sin(azimuth), np.cos(tilt)])
-    amp = _spheroid(q, q2, a, a * c_over_a, axis)
-
+    amp = _spheroid(q, q2, a, a * c_over_a, axis)   # 1 at q = 0
     if labels[LAYERED]:
         core = rng.uniform(0.5, 0.7)
-        # Equal high-q amplitudes of shell (~R) and core (~contrast core^3 R / core^2) -> full beats.
+        # Shell (~R) and core (~contrast core^3 R / core^2) have equal high-q amplitudes: full beats.
         contrast = rng.uniform(0.85, 1.15) / core
-        amp = amp + contrast * core ** 3 * _spheroid(q, q2, a * core, a * c_over_a * core, axis)
+        amp += contrast * core ** 3 * _spheroid(q, q2, a * core, a * c_over_a * core, axis)
+    # A diffuse droplet surface (Gaussian interface of width sigma) damps the amplitude by
+    # exp(-sigma^2 q^2 / 2): the |q|^-4 fall-off steepens by a random amount per shot.
+    surface = np.exp(-0.5 * rng.uniform(0.0, 3.0) ** 2 * q2)
+    amp *= surface
+
     for present, elevation in ((labels[STREAK], rng.uniform(0, np.deg2rad(3))),
-                               (labels[BENT], rng.uniform(np.deg2rad(30), np.deg2rad(55)))):
+                               (labels[BENT], rng.uniform(np.deg2rad(55), np.deg2rad(75)))):
         if present:
             m = _unit(elevation * rng.choice([-1, 1]), rng.uniform(0, 2 * np.pi))
-            width, length = rng.uniform(0.5, 1.5), rng.uniform(55.0, 85.0)
-            # On the streak at the crop edge the jet outshines the droplet envelope 4-30x.
+            # q.m changes by cos(elevation) / DISTANCE per pixel across the streak: a jet of this
+            # length draws a streak 2-3 pixels wide (FWHM) at any elevation.
+            width = rng.uniform(0.5, 1.5)
+            length = 2.355 * DISTANCE / (rng.uniform(2.0, 3.0) * np.cos(elevation))
+            # On the streak at the crop edge the jet outshines the (sharp) droplet envelope 10-60x.
             envelope = 3.0 / (Q_EDGE * radius) ** 2
-            strength = np.sqrt(rng.uniform(4.0, 30.0)) * envelope / np.exp(-0.5 * (width * Q_EDGE) ** 2)
+            strength = np.sqrt(rng.uniform(10.0, 60.0)) * envelope / np.exp(-0.5 * (width * Q_EDGE) ** 2)
             # Coherent with the droplet: the jet runs through its centre.
-            amp = amp + strength * _jet(q, q2, m, length, width)
+            amp += strength * _jet(q, q2, m, length, width)
     intensity = amp * amp
 
     if labels[NEWTON_RINGS] or labels[ASYMMETRIC]:
-        kdz = rng.uniform(90.0, 220.0) if labels[NEWTON_RINGS] else rng.uniform(80.0, 160.0)
+        kdz = rng.uniform(50.0, 240.0) if labels[NEWTON_RINGS] else rng.uniform(80.0, 160.0)
         offset = rng.uniform(0.0, 0.7) if labels[NEWTON_RINGS] else rng.uniform(10.0, 24.0)
-        # Fringe circles are centred where q.d is stationary: DISTANCE * d_perp / d_z from the centre.
+        # The fringes are circles about the point where q.d is stationary, DISTANCE d_perp / d_z
+        # from the pattern centre.
         d_perp = kdz * offset / DISTANCE
         phi = rng.uniform(0, 2 * np.pi)
         d = np.array([d_perp * np.cos(phi), d_perp * np.sin(phi), kdz], np.float32)
-        f = rng.uniform(0.3, 1.0)            # fluence on the second droplet
+        # Fluence on the second droplet; the off-centre fringes of oblique pairs are drawn strong.
+        f = rng.uniform(0.3, 1.0) if labels[NEWTON_RINGS] else rng.uniform(0.6, 1.0)
         intensity *= 1 + f + 2 * np.sqrt(f) * np.cos(np.tensordot(d, q, 1))
     if labels[DOUBLE_RINGS]:
         small = rng.uniform(0.4, 0.65)
-        # Fluence ratio: the small droplet's |q|^-4 envelope is 0.3-1x the large one's.
-        fluence = rng.uniform(0.3, 1.0) / small ** 2
-        intensity += fluence * small ** 6 * _sphere(np.sqrt(q2) * (radius * small)) ** 2
+        # Fluence ratio: the small droplet's |q|^-4 envelope is 0.2-0.8x the large one's.
+        fluence = rng.uniform(0.2, 0.8) / small ** 2
+        intensity += fluence * small ** 6 * (_sphere(np.sqrt(q2) * (radius * small)) * surface) ** 2
 
-    return intensity, radius
+    # The sharp sphere's envelope 9 / (q R)^4 at the crop edge holds 1-15 photons per pixel.
+    edge_photons = np.exp(rng.uniform(np.log(1.0), np.log(15.0)))
+    return (edge_photons * (Q_EDGE * radius) ** 4 / 9.0) * intensity
 
 
 def simulate_shot(rng, size):
     """One shot: (image uint16 [size, size] photon counts, labels int16 [11])."""
-    q, q2, response, pixel_radius = _geometry(size)
+    q, q2, response, stray_profile = _geometry(size)
     labels = _draw_labels(rng)
-    mean = np.zeros((size, size), np.float32)
-    if not labels[EMPTY]:
-        intensity, radius = _droplet_intensity(rng, labels, q, q2)
-        edge_photons = np.exp(rng.uniform(np.log(0.5), np.log(10.0)))
-        # Sphere envelope 9 / (qR)^4 at the crop edge -> edge_photons.
-        # A diffuse droplet surface (Gaussian interface of width sigma) damps the amplitude by
-        # exp(-q^2 sigma^2 / 2): the |q|^-4 fall-off steepens by a random amount per shot.
-        sigma = rng.uniform(0.0, 3.3)
-        mean += (edge_photons * (Q_EDGE * radius) ** 4 / 9.0) * intensity * np.exp(-sigma * sigma * q2)
+    mean = np.zeros((size, size), np.float32) if labels[EMPTY] else _hit(rng, labels, q, q2)
     stray = np.exp(rng.uniform(np.log(1.0), np.log(30.0)))
-    mean += stray * np.exp(-(pixel_radius - BEAM_STOP) / 2.0) + rng.uniform(0.002, 0.03)
+    mean += stray * stray_profile + rng.uniform(0.002, 0.03)
     counts = rng.poisson(mean * response)
     return np.minimum(counts, SATURATION).astype(np.uint16), labels
 
@@ -251,7 +270,7 @@ def simulate(n, seed, size, start=0):
     """Shots start..start+n-1 of the synthetic set `seed`: (images uint16 [n, size, size],
     labels int16 [n, 11]). Shot i depends only on (seed, i), never on n or start."""
     images = np.empty((n, size, size), np.uint16)
-    labels = np.empty((n, len(CLASS_NAMES)), np.int16)
+    labels = np.empty((n, len(HELIUM_CLASSES)), np.int16)
     for i in range(n):
         images[i], labels[i] = simulate_shot(np.random.default_rng([seed, start + i]), size)
     return images, labels

@@ -19,7 +19,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nn.simulate import CLASS_NAMES, simulate  # noqa: E402
+from nn.config import HELIUM_CLASSES  # noqa: E402
+from nn.simulate import simulate  # noqa: E402
 
 GRID = 32
 
@@ -94,9 +95,9 @@ def main():
     w = fit(x, y, best[1], args.steps)
     f1 = f1_scores(predict(w, x_test), y_test)
     print(f"size {args.size}, l2={best[1]:g}, {args.train} train / {args.test} held-out shots")
-    for name, s, pos in zip(CLASS_NAMES, f1, y_test.sum(0)):
+    for name, s, pos in zip(HELIUM_CLASSES, f1, y_test.sum(0)):
         print(f"  {name:17s} F1 {s:.3f}  ({int(pos)} positives)")
-    missing = [n for n, s in zip(CLASS_NAMES, f1) if np.isnan(s)]
+    missing = [n for n, s in zip(HELIUM_CLASSES, f1) if np.isnan(s)]
     print(f"held-out macro-F1 {np.nanmean(f1):.3f}"
           + (f" (left out, no positives: {', '.join(missing)})" if missing else ""))
 
