@@ -4,10 +4,15 @@
     from SLURM's variables (SLURM_PROCID, SLURM_NTASKS, the node list); TF's own SlurmClusterResolver
     is not used because it needs nvidia-smi and builds no tasks on CPU-only nodes;
   * one machine with several GPUs (or --num_cpu_replicas > 1): MirroredStrategy;
+  * one GPU: OneDeviceStrategy, whose input iterator prefetches the next batches into GPU memory;
   * otherwise TensorFlow's default strategy.
 
 --batch_size is per replica: the global batch is batch_size x replicas, and the learning rate
 follows the original's rule lr * global_batch / 128.
+
+Workers of one cluster run in lock step: their collective operations must pair up, so every worker
+must run the same number of steps per graph call and save (and stop) at the same step. `make_vote`
+lets them agree on that before each call.
 """
 import json
 import logging
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from nn import config
 from nn.config import AiryNetError
 
 log = logging.getLogger("airynet")
@@ -97,6 +103,11 @@ def make_strategy(cfg):
             raise AiryNetError("--out_dir_name: multi-worker training needs it (or --load_dir), so that every "
                                "worker agrees on the run directory")
         run_dir = None if cfg.load_dir else os.path.join(cfg.log_dir, f"{cfg.dataset}_{name}")
+        # Checked here, before the workers connect, so that all of them see the same answer (the chief
+        # writes the run's config.json right after); only the chief would raise it later.
+        if run_dir and os.path.exists(os.path.join(run_dir, config.CONFIG_FILE)):
+            raise AiryNetError(f"--out_dir_name: {run_dir} already holds a run; resume it with "
+                               f"--load_dir={run_dir} or choose another --out_dir_name")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         return strategy, Cluster(is_chief, f"{task['type']} {task['index']}", run_dir)
     if cfg.num_cpu_replicas > 1:
@@ -105,17 +116,39 @@ def make_strategy(cfg):
                                                    cfg.num_cpu_replicas)
         devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices), Cluster()
-    if len(tf.config.list_physical_devices("GPU")) > 1:
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1:
         return tf.distribute.MirroredStrategy(), Cluster()
+    if gpus:
+        return tf.distribute.OneDeviceStrategy("/gpu:0"), Cluster()
     return tf.distribute.get_strategy(), Cluster()
+
+
+def make_vote(strategy):
+    """-> vote(stop, save, steps) -> (stop, save, steps) agreed by all workers through one all-reduce:
+    stop or save when any worker asks to, and run at most the mean of the steps they propose (every
+    worker proposes at most the steps left to the same chunk end, so the mean never overshoots it)."""
+    @tf.function
+    def all_reduce(proposal):
+        return strategy.reduce("MEAN", strategy.run(lambda: tf.identity(proposal)), axis=None)
+
+    def vote(stop, save, steps):
+        agreed = all_reduce(tf.constant([float(stop), float(save), float(steps)])).numpy()
+        return bool(agreed[0] > 0), bool(agreed[1] > 0), max(1, int(agreed[2]))
+    return vote
 
 
 def log_start(cfg, strategy, resume_path, cluster=None):
     devices = ", ".join(d.name for d in tf.config.list_logical_devices()) or "none"
     log.info("TensorFlow %s; devices: %s", tf.__version__, devices)
-    log.info("Strategy %s with %d replica(s) in sync%s", type(strategy).__name__, strategy.num_replicas_in_sync,
+    # MultiWorkerMirroredStrategy's class is called CollectiveAllReduceStrategy; log the public name.
+    name = ("MultiWorkerMirroredStrategy" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            else type(strategy).__name__.lstrip("_"))
+    log.info("Strategy %s with %d replica(s) in sync%s", name, strategy.num_replicas_in_sync,
              f" ({cluster.task})" if cluster else "")
-    log.info("Data format %s", "channels_first (NCHW)" if cfg.use_nchw else "channels_last (NHWC)")
+    log.info("Data format %s; mixed precision %s; XLA %s",
+             "channels_first (NCHW)" if cfg.use_nchw else "channels_last (NHWC)", cfg.mixed_precision,
+             "on" if cfg.jit_compile else "off")
     if resume_path:
         log.info("Resuming from %s (step %s)", resume_path, resume_path.rsplit("-", 1)[1])
     else:

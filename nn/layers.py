@@ -116,10 +116,11 @@ def stem_dtype(cfg):
 def network_input(cfg, stem_dtype):
     """The NHWC image input, and the tensor the network starts from (transposed when cfg.use_nchw)."""
     inputs = keras.Input(shape=(cfg.target_height, cfg.target_width, cfg.target_depth), name="image")
-    x = inputs
+    # Both formats get a layer here: tf.train.Checkpoint matches a functional model's layers by
+    # position, so an NHWC-trained checkpoint (CPU) restores into an NCHW model (GPU) and back.
     if cfg.use_nchw:
-        x = keras.layers.Permute((3, 1, 2), name="to_channels_first", dtype=stem_dtype)(x)
-    return inputs, x
+        return inputs, keras.layers.Permute((3, 1, 2), name="data_layout", dtype=stem_dtype)(inputs)
+    return inputs, keras.layers.Identity(name="data_layout", dtype=stem_dtype)(inputs)
 
 
 def log_activation(x, cfg):

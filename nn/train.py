@@ -5,10 +5,13 @@ The training loop is a custom tf.function loop rather than `model.fit` because t
 save at an exact step on SIGTERM, refuse to save after a NaN loss, resume at the step it stopped, and
 alternate fixed-length training chunks with evaluation, all under tf.distribute.
 """
+import atexit
+import glob
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -46,6 +49,10 @@ def learning_rate(cfg, replicas=1):
 
 def make_optimizer(cfg, model, replicas=1):
     optimizer = keras.optimizers.SGD(learning_rate(cfg, replicas), momentum=cfg.gamma, nesterov=True)
+    if cfg.mixed_precision == "fp16":
+        # float16 gradients underflow: scale the loss up and the gradients back down. Steps whose
+        # gradients overflow are skipped and halve the scale (a few at the start, while it settles).
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     # Built here, inside the strategy scope: a lazily built optimizer fails its first distributed step.
     optimizer.build(model.trainable_variables)
     return optimizer
@@ -218,6 +225,8 @@ def train(cfg):
     strategy, cluster = distribute.make_strategy(cfg)
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.batch_size * replicas
+    for mode in ("train", "eval"):  # bad data fails here, before the run directory is made
+        data.check_sources(cfg, mode)
     run_dir, resume_path = _prepare_run_dir(cfg, cluster)
     distribute.log_start(cfg, strategy, resume_path, cluster)
 
@@ -225,20 +234,35 @@ def train(cfg):
         model = build_model(cfg)
         optimizer = make_optimizer(cfg, model, replicas)
         counts = ConfusionCounts(cfg.num_classes)
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        # The SGD is saved, not the fp16 loss-scale wrapper around it, so that a run can be resumed
+        # with any --mixed_precision; a resumed fp16 run starts its loss scale afresh.
+        sgd = getattr(optimizer, "inner_optimizer", optimizer)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=sgd)
     # Only the chief keeps checkpoints; the other workers must still save (a collective op) but
-    # into a private temporary directory.
+    # into a private temporary directory, removed at exit (kept at --log_level=DEBUG, for inspection).
     ckpt_dir = run_dir if cluster.is_chief else tempfile.mkdtemp(prefix="airynet-worker-")
-    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=KEEP_CHECKPOINTS,
-                                         checkpoint_name=CHECKPOINT_NAME)
+    if not cluster.is_chief:
+        if cfg.log_level == "DEBUG":
+            log.debug("This worker's private checkpoints go to %s and are kept", ckpt_dir)
+        else:
+            atexit.register(shutil.rmtree, ckpt_dir, ignore_errors=True)
+    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, checkpoint_name=CHECKPOINT_NAME,
+                                         max_to_keep=KEEP_CHECKPOINTS if cluster.is_chief else 1)
     if resume_path:
         restore(checkpoint, resume_path, cfg)
+    if cluster.is_chief:
+        # A run killed while saving leaves the save's temporary directory behind. That checkpoint never
+        # reached the `checkpoint` file, which is written last, so the directory is garbage.
+        for leftover in glob.glob(os.path.join(glob.escape(run_dir), f"{CHECKPOINT_NAME}-*_temp")):
+            shutil.rmtree(leftover, ignore_errors=True)
     step = int(optimizer.iterations.numpy())
 
+    # On GPUs the distributed iterators copy the next batches into GPU memory while a step runs.
+    to_device = tf.distribute.InputOptions(experimental_fetch_to_device=True)
     train_ds = strategy.distribute_datasets_from_function(
-        lambda ctx: data.dataset(cfg, "train", input_context=ctx))
+        lambda ctx: data.dataset(cfg, "train", input_context=ctx), to_device)
     eval_ds = strategy.distribute_datasets_from_function(
-        lambda ctx: data.dataset(cfg, "eval", input_context=ctx))
+        lambda ctx: data.dataset(cfg, "eval", input_context=ctx), to_device)
     train_iter, eval_iter = iter(train_ds), iter(eval_ds)
     writer = tf.summary.create_file_writer(run_dir) if cluster.is_chief else tf.summary.create_noop_writer()
     eval_writer = (tf.summary.create_file_writer(os.path.join(run_dir, "eval")) if cluster.is_chief
@@ -249,10 +273,15 @@ def train(cfg):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             terms = loss_terms(cfg, model, labels, logits, global_batch)
-        grads = tape.gradient(terms["loss"], model.trainable_variables)
+            scaled_loss = optimizer.scale_loss(terms["loss"])  # the loss itself unless fp16
+        grads = tape.gradient(scaled_loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         counts.update_state(labels, predicted_classes(cfg, logits))
         return terms, logits
+
+    if cfg.jit_compile:
+        # XLA compiles the per-replica step; the loop around it reads the input iterator, which XLA cannot.
+        replica_step = tf.function(replica_step, jit_compile=True)
 
     @tf.function
     def train_steps(iterator, n):
@@ -284,61 +313,73 @@ def train(cfg):
             counts.update_state(labels, predicted_classes(cfg, model(images, training=False)))
         strategy.run(forward, args=next(iterator))
 
+    saved_step = step if resume_path else None
+
     def save(reason):
-        path = manager.save(checkpoint_number=step)
-        if cluster.is_chief:
-            log.info("Saved %s (%s)", path, reason)
+        nonlocal saved_step
+        if step != saved_step:  # e.g. a stop right after a chunk's checkpoint; the same on every worker
+            path = manager.save(checkpoint_number=step)
+            saved_step = step
+            if cluster.is_chief:
+                log.info("Saved %s (%s)", path, reason)
         return time.time()
 
+    vote = distribute.make_vote(strategy)
     eval_steps = cfg.eval_steps or TRAIN_EVAL_STEPS
     names = config.class_names(cfg)
     last_save = time.time()
-    steps_per_call, exit_code = 1, 0
+    steps_per_call, exit_code, stopping = 1, 0, False
     bar = tqdm(total=cfg.train_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not cluster.is_chief or None)
     with StopSignal() as stop:
         while step < cfg.train_steps:
             chunk_end = min((step // cfg.steps_per_eval + 1) * cfg.steps_per_eval, cfg.train_steps)
-            while step < chunk_end and not stop.received:
+            while step < chunk_end:
                 next_log = (step // cfg.log_step + 1) * cfg.log_step
-                n = min(steps_per_call, chunk_end - step, next_log - step)
-                started = time.time()
+                # Alone this is a formality; in a cluster all workers agree to stop, save and step together.
+                stopping, hourly, n = vote(stop.received is not None, time.time() - last_save > CHECKPOINT_EVERY_S,
+                                           min(steps_per_call, chunk_end - step, next_log - step))
+                if stopping:
+                    break
+                if hourly:
+                    last_save = save("hourly")
+                started, before = time.time(), step
                 try:
                     finite = train_steps(train_iter, tf.constant(n))
-                except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+                except data.READ_ERRORS as e:
                     raise data.describe_failure(cfg, "train", e) from e
                 step = int(optimizer.iterations.numpy())
                 if not bool(finite):
                     last = manager.latest_checkpoint or "none"
                     raise AiryNetError(f"step {step}: the loss is NaN or Inf; stopped without saving "
                                        f"(last good checkpoint: {last}). Lower --lr or check the data.")
-                bar.update(n)
+                bar.update(step - before)  # fewer than n when fp16 loss scaling skipped overflowing steps
                 # Aim at about one graph call per second, so that signals and the bar stay responsive.
                 seconds_per_step = (time.time() - started) / n
                 steps_per_call = max(1, min(cfg.log_step, int(1.0 / max(seconds_per_step, 1e-6))))
-                if step % cfg.log_step == 0:
+                if step != before and step % cfg.log_step == 0:
                     _log_training(cfg, writer, sums, counts, optimizer, step, bar)
                     with writer.as_default():
                         _image_summaries(cfg, *summary_step(train_iter), step=step)
-                if time.time() - last_save > CHECKPOINT_EVERY_S:
-                    last_save = save("hourly")
-            if stop.received:
-                save(f"{stop.received} received")
-                log.warning("Stopped by %s at step %d. Rerun with --load_dir=%s to resume.",
-                            stop.received, step, run_dir)
-                exit_code = 143 if stop.received == "SIGTERM" else 130
+            if stopping:
+                reason = f"{stop.received} received" if stop.received else "another worker was stopped"
+                save(reason)
+                log.warning("Stopped (%s) at step %d. Rerun with --load_dir=%s to resume.", reason, step, run_dir)
+                exit_code = 130 if stop.received == "SIGINT" else 143
                 break
             last_save = save(f"end of chunk at step {step}")
             counts.reset_state()
-            for _ in range(eval_steps):
+            evaluated = 0
+            while evaluated < eval_steps and not stop.received:  # a signal cuts the eval short
                 try:
                     eval_step(eval_iter)
-                except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+                except data.READ_ERRORS as e:
                     raise data.describe_failure(cfg, "eval", e) from e
-            metrics = metrics_from_counts(counts.result().numpy(), names)
+                evaluated += 1
+            metrics = metrics_from_counts(counts.result().numpy(), names)  # read on every worker: a collective
             counts.reset_state()
             bar.clear()
-            log.info("Eval at step %d over %d batches:\n%s", step, eval_steps, format_metrics(metrics))
+            log.info("Eval at step %d over %d batches:\n%s", step, evaluated, format_metrics(metrics))
             with eval_writer.as_default():
                 for k in ("accuracy", "mean_per_class_accuracy", "precision", "recall", "mcc", "macro_f1"):
                     tf.summary.scalar(k, metrics[k], step=step)
@@ -415,7 +456,7 @@ def evaluate(cfg):
             counts.update_state(labels, classes)
             scores.append(probs.numpy())
             truths.append(labels.numpy())
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+    except data.READ_ERRORS as e:
         raise data.describe_failure(cfg, "eval", e) from e
     if not scores:
         raise AiryNetError(f"{data.dataset_dir(cfg)}: the eval data holds no shots")

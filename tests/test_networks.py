@@ -264,3 +264,16 @@ def test_keras_save_and_load_round_trip(tmp_path):
     loaded = keras.models.load_model(tmp_path / "model.keras")
     x = np.random.default_rng(3).poisson(5.0, size=(2, 32, 32, 1)).astype(np.float32)
     np.testing.assert_array_equal(loaded(x, training=False), m(x, training=False))
+
+
+@pytest.mark.parametrize("airynet_type", ["resnet", "vgg"])
+def test_checkpoints_move_between_data_formats(tmp_path, airynet_type):
+    """A checkpoint written in NHWC (CPU training) restores into the NCHW model (GPUs) and back."""
+    flags = [f"--airynet_type={airynet_type}", "--target_width=32", "--target_height=32"]
+    nhwc = networks.build_model(config.parse_args(flags + ["--use_nchw=false"]))
+    nchw = networks.build_model(config.parse_args(flags + ["--use_nchw=true"]))
+    path = tf.train.Checkpoint(model=nhwc).save(str(tmp_path / "ckpt"))
+    status = tf.train.Checkpoint(model=nchw).restore(path)
+    status.assert_existing_objects_matched()
+    x = tf.random.uniform([2, 32, 32, 1], 0, 500, seed=3)
+    np.testing.assert_allclose(nchw(x).numpy(), nhwc(x).numpy(), rtol=1e-4, atol=1e-4)
