@@ -332,6 +332,7 @@ def train(cfg):
     bar = tqdm(total=cfg.train_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not cluster.is_chief or None)
     with StopSignal() as stop:
+        first_call, timed_from, timed_steps, timed_seconds = True, (time.time(), step), 0, 0.0
         while step < cfg.train_steps:
             chunk_end = min((step // cfg.steps_per_eval + 1) * cfg.steps_per_eval, cfg.train_steps)
             while step < chunk_end:
@@ -354,6 +355,8 @@ def train(cfg):
                     raise AiryNetError(f"step {step}: the loss is NaN or Inf; stopped without saving "
                                        f"(last good checkpoint: {last}). Lower --lr or check the data.")
                 bar.update(step - before)  # fewer than n when fp16 loss scaling skipped overflowing steps
+                if first_call:  # the first call traces the graph; throughput counts the calls after it
+                    first_call, timed_from = False, (time.time(), step)
                 # Aim at about one graph call per second, so that signals and the bar stay responsive.
                 seconds_per_step = (time.time() - started) / n
                 steps_per_call = max(1, min(cfg.log_step, int(1.0 / max(seconds_per_step, 1e-6))))
@@ -367,6 +370,8 @@ def train(cfg):
                 log.warning("Stopped (%s) at step %d. Rerun with --load_dir=%s to resume.", reason, step, run_dir)
                 exit_code = 130 if stop.received == "SIGINT" else 143
                 break
+            timed_steps += step - timed_from[1]
+            timed_seconds += time.time() - timed_from[0]
             last_save = save(f"end of chunk at step {step}")
             counts.reset_state()
             evaluated = 0
@@ -384,10 +389,15 @@ def train(cfg):
                 for k in ("accuracy", "mean_per_class_accuracy", "precision", "recall", "mcc", "macro_f1"):
                     tf.summary.scalar(k, metrics[k], step=step)
             eval_writer.flush()
+            timed_from = (time.time(), step)
     bar.close()
     writer.flush()
     if exit_code == 0:
         log.info("Training finished at step %d; run directory %s", step, run_dir)
+    if timed_seconds > 0:
+        log.info("Training throughput %.1f img/s over %d steps (logging and summaries included; the first "
+                 "call, which traces the graph, evaluation and checkpoints excluded)",
+                 timed_steps * global_batch / timed_seconds, timed_steps)
     return exit_code
 
 

@@ -131,3 +131,11 @@ def test_eval_mode_writes_metrics(tfrecord_dir, tmp_path):
 def test_eval_without_checkpoint_is_an_error(tmp_path, capsys):
     assert airynet.main(["--mode=eval", f"--load_dir={tmp_path}"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["shots", "stacked"])
+def test_training_on_cxi_files_writes_step_numbered_checkpoints(cxi_dir, tmp_path, dataset):
+    """CXIDB-94 per-shot files split by mode, and one stacked file split by --eval_every."""
+    assert airynet.main(["--mode=train", f"--data_dir={cxi_dir}", f"--dataset={dataset}", f"--log_dir={tmp_path}",
+                         "--out_dir_name=c", "--train_steps=2", "--steps_per_eval=2", "--eval_steps=1"] + TINY[1:]) == 0
+    assert tf.train.latest_checkpoint(os.path.join(str(tmp_path), f"{dataset}_c")).endswith("model.ckpt-2")
