@@ -25,8 +25,7 @@ import h5py
 import numpy as np
 import tensorflow as tf
 
-from nn import simulate
-from nn import config
+from nn import config, simulate
 from nn.config import AiryNetError
 
 log = logging.getLogger("airynet")
