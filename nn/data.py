@@ -289,10 +289,9 @@ class CxiFile:
         return images, labels, ids
 
 
-def _cxi_records(files, cfg, mode, split, one_pass):
+def _cxi_records(readers, cfg, split, one_pass):
     """Shots of CXI files, read in ordered parallel slabs, as dicts: image, bunch_id, index
     (over all files) and, where every file has them, label."""
-    readers = [CxiFile(f, cfg, needs_labels=mode in ("train", "eval")) for f in files]
     shot_bytes = cfg.ori_height * cfg.ori_width * cfg.ori_depth * 4
     per_slab = int(np.clip(SLAB_BYTES // shot_bytes, 1, 64))
     slabs, offset = [], 0
@@ -365,14 +364,14 @@ def _synthetic_records(cfg, mode):
 
 def check_sources(cfg, mode):
     """find_files plus cheap checks (each TFRecord's first record, each CXI file's layout, the synthetic
-    sizes), so that mistakes show before a run creates anything. -> (kind, files, split)."""
+    sizes), so that mistakes show before a run creates anything. -> (kind, files, split); for CXI the
+    files come as opened CxiFile readers."""
     kind, files, split = find_files(cfg, mode)
     if kind == "tfrecord":
         for f in files:
             check_tfrecord(f, cfg, mode, max_records=1)
     elif kind == "cxi":
-        for f in files:
-            CxiFile(f, cfg, needs_labels=mode in ("train", "eval")).h5.close()
+        files = [CxiFile(f, cfg, needs_labels=mode in ("train", "eval")) for f in files]
     elif cfg.ori_height != cfg.ori_width or cfg.ori_depth != 1:
         raise AiryNetError(f"--ori_height/--ori_width/--ori_depth: the synthetic dataset is square and "
                            f"gray, got {cfg.ori_height}x{cfg.ori_width}x{cfg.ori_depth}")
@@ -395,7 +394,7 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
     if kind == "tfrecord":
         records = _tfrecord_records(files, cfg, mode, one_pass)
     elif kind == "cxi":
-        records = _cxi_records(files, cfg, mode, split, one_pass)
+        records = _cxi_records(files, cfg, split, one_pass)
     else:
         records = _synthetic_records(cfg, mode)
     shard_index, shard_count = shard

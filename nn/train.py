@@ -225,8 +225,13 @@ def train(cfg):
     strategy, cluster = distribute.make_strategy(cfg)
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.batch_size * replicas
-    for mode in ("train", "eval"):  # bad data fails here, before the run directory is made
-        data.check_sources(cfg, mode)
+    # The datasets check their sources as they are built: bad data fails before the run directory is made.
+    # On GPUs the distributed iterators copy the next batches into GPU memory while a step runs.
+    to_device = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+    train_ds = strategy.distribute_datasets_from_function(
+        lambda ctx: data.dataset(cfg, "train", input_context=ctx), to_device)
+    eval_ds = strategy.distribute_datasets_from_function(
+        lambda ctx: data.dataset(cfg, "eval", input_context=ctx), to_device)
     run_dir, resume_path = _prepare_run_dir(cfg, cluster)
     distribute.log_start(cfg, strategy, resume_path, cluster)
 
@@ -257,12 +262,6 @@ def train(cfg):
             shutil.rmtree(leftover, ignore_errors=True)
     step = int(optimizer.iterations.numpy())
 
-    # On GPUs the distributed iterators copy the next batches into GPU memory while a step runs.
-    to_device = tf.distribute.InputOptions(experimental_fetch_to_device=True)
-    train_ds = strategy.distribute_datasets_from_function(
-        lambda ctx: data.dataset(cfg, "train", input_context=ctx), to_device)
-    eval_ds = strategy.distribute_datasets_from_function(
-        lambda ctx: data.dataset(cfg, "eval", input_context=ctx), to_device)
     train_iter, eval_iter = iter(train_ds), iter(eval_ds)
     writer = tf.summary.create_file_writer(run_dir) if cluster.is_chief else tf.summary.create_noop_writer()
     eval_writer = (tf.summary.create_file_writer(os.path.join(run_dir, "eval")) if cluster.is_chief
@@ -405,18 +404,15 @@ def _log_training(cfg, writer, sums, counts, optimizer, step, bar):
     n = max(sums["steps"].result().numpy(), 1.0)
     cross_entropy = sums["cross_entropy"].result().numpy() / n
     regularization = sums["regularization"].result().numpy() / n
-    tp, fp, fn, tn = counts.result().numpy().sum(axis=0)
-    total = max(tp + fp + fn + tn, 1.0)
-    accuracy = (tp + tn) / total
-    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    mcc = (tp * tn - fp * fn) / denominator if denominator else 0.0
+    m = metrics_from_counts(counts.result().numpy(), config.class_names(cfg))
     lr = float(optimizer.learning_rate)  # the schedule's value at the current step
-    bar.write(f"step {step}: lr {lr:.5g}  cross-entropy {cross_entropy:.4f}  train accuracy {accuracy:.4f}  "
-              f"confusion [[TN {int(tn)} FP {int(fp)}] [FN {int(fn)} TP {int(tp)}]]")
+    bar.write(f"step {step}: lr {lr:.5g}  cross-entropy {cross_entropy:.4f}  train accuracy {m['accuracy']:.4f}  "
+              f"confusion [[TN {m['true_negatives']} FP {m['false_positives']}] "
+              f"[FN {m['false_negatives']} TP {m['true_positives']}]]")
     with writer.as_default():
         for name, value in (("learning_rate", lr), ("cross_entropy", cross_entropy),
-                            ("regularization_penalty", regularization), ("train_accuracy", accuracy),
-                            ("mcc", mcc)):
+                            ("regularization_penalty", regularization), ("train_accuracy", m["accuracy"]),
+                            ("mcc", m["mcc"])):
             tf.summary.scalar(name, value, step=step)
     for m in sums.values():
         m.reset_state()
