@@ -48,24 +48,26 @@ def write_data(args, n=2000):
     return dirs
 
 
-def images_per_second(ds, batches, batch_size):
-    it = iter(ds)
-    for _ in range(5):  # warm-up: fill the shuffle buffer and the prefetch queues
-        next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    return batches * batch_size / (time.perf_counter() - start)
-
-
 def bench_input(args):
     dirs = write_data(args)
     print(f"input pipeline, {args.size}x{args.size} uint16 -> {args.target}x{args.target}, batch {args.batch_size}, "
           f"train mode (shuffle, flips), {args.num_worker} workers, {os.cpu_count()} cores")
     for name, directory in dirs.items():
         cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}")
-        rates = [images_per_second(data.dataset(cfg, "train"), args.steps, args.batch_size) for _ in range(2)]
-        print(f"  {name:<9} {max(rates):8.0f} img/s  (runs: {', '.join(f'{r:.0f}' for r in rates)})")
+        batches = iter(data.dataset(cfg, "train"))
+        for _ in range(10):  # warm-up: fill the shuffle buffer and the prefetch queues
+            next(batches)
+        # One reader at a time, in steady state: a reader left idle beside the timed one would fill
+        # its prefetch queue meanwhile and look faster when its turn came.
+        runs = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                next(batches)
+            runs.append(args.steps * args.batch_size / (time.perf_counter() - start))
+        print(f"  {name:<9} {np.median(runs):8.0f} img/s median, {max(runs):.0f} best of {len(runs)} runs of "
+              f"{args.steps} batches", flush=True)
+        del batches
 
 
 def bench_train(args):
@@ -135,6 +137,7 @@ def main():
     p.add_argument("--resnet_size", type=int, default=18)
     p.add_argument("--num_worker", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="Batches timed (input: per run).")
+    p.add_argument("--rounds", type=int, default=5, help="Input: timed runs per reader.")
     p.add_argument("--work", default="/tmp/airynet-bench")
     args = p.parse_args()
     {"input": bench_input, "train": bench_train, "predict": bench_predict}[args.what](args)

@@ -110,6 +110,29 @@ def test_preprocessing_scaling_rgb_and_downsampling(tfrecord_dir, shots):
     np.testing.assert_allclose(got[..., 0], blocks, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("stored, target", [((37, 41), (16, 20)), ((259, 259), (224, 224)), ((20, 24), (40, 30))])
+def test_preprocess_is_the_tf_image_crop_and_resize(stored, target):
+    cfg = make_cfg(f"--ori_height={stored[0]}", f"--ori_width={stored[1]}", f"--target_height={target[0]}",
+                   f"--target_width={target[1]}", "--use_log_act=false")
+    raw = np.random.default_rng(3).integers(0, 65535, (2, *stored, 1)).astype(np.uint16)
+    crop = [data.crop_size(n) for n in stored]
+    expected = tf.image.resize(tf.image.resize_with_crop_or_pad(raw.astype(np.float32) / 65535.0, *crop), target)
+    np.testing.assert_allclose(data.preprocess(raw, cfg).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_random_flips_flip_each_image_its_own_way(depth):
+    images = np.random.default_rng(4).random((64, 6, 5, depth)).astype(np.float32)
+    seed = tf.constant([7, 8], tf.int64)
+    got = data.random_flips(tf.constant(images), seed).numpy()
+    np.testing.assert_array_equal(got, data.random_flips(tf.constant(images), seed).numpy())
+    kinds = []
+    for image, out in zip(images, got):
+        variants = [image, image[:, ::-1], image[::-1], image[::-1, ::-1]]
+        kinds.append(next(k for k, v in enumerate(variants) if np.array_equal(out, v)))
+    assert np.bincount(kinds, minlength=4).min() >= 8  # each of the four outcomes about 16 times in 64
+
+
 def test_training_flips_images_and_is_deterministic(tfrecord_dir, shots):
     cfg = make_cfg(f"--data_dir={tfrecord_dir}")
     first = [b[0].numpy() for b in data.dataset(cfg, "train").take(4)]
