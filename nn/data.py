@@ -243,6 +243,7 @@ class CxiFile:
             self.entries = entries
             self.count = len(entries)
             height, width = h5[entries[0]]["instrument_1/detector_1/data"].shape[-2:]
+            self.image_shape = (height, width)
             self.label_path = "note_1/data" if all("note_1/data" in h5[e] for e in entries[:1]) else None
             self.mask_path = None
         if (height, width) != (cfg.ori_height, cfg.ori_width):
@@ -272,6 +273,13 @@ class CxiFile:
             return int(np.prod(self.h5[self.label_path].shape[1:]))
         return int(np.prod(self.h5[self.entries[0]][self.label_path].shape))
 
+    def _read_into(self, path, out):
+        """Read the dataset at `path` (any shape holding out.size values) into the array `out`."""
+        dataset = h5py.h5d.open(self.h5.id, path.encode())
+        if int(np.prod(dataset.shape)) != out.size:
+            raise ValueError(f"{path} has shape {dataset.shape}, expected {out.size} values")
+        dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, out.reshape(dataset.shape))
+
     def read(self, start, stop):
         """Shots [start, stop) -> images float32 [n,H,W], labels float32 [n,C] (zeros if none), ids int64 [n]."""
         try:
@@ -292,13 +300,20 @@ class CxiFile:
             ids = (h5[self.id_path][start:stop].astype(np.int64) if self.id_path
                    else np.arange(start, stop, dtype=np.int64))
         else:
-            groups = [h5[e] for e in self.entries[start:stop]]
-            images = np.stack([g["instrument_1/detector_1/data"][()] for g in groups]).astype(np.float32)
-            labels = (np.stack([np.ravel(g[self.label_path][()]) for g in groups]).astype(np.float32)
-                      if self.label_path else None)
-            ids = np.array([int(np.ravel(g["experimental_identifier"][()])[0])
-                            if "experimental_identifier" in g else start + i
-                            for i, g in enumerate(groups)], dtype=np.int64)
+            # h5py's low-level calls, reading straight into the batch arrays (HDF5 converts the dtype):
+            # the high-level group and dataset objects cost more than the reading itself here.
+            n = stop - start
+            images = np.empty((n, *self.image_shape), np.float32)
+            labels = np.empty((n, self._label_length()), np.float32) if self.label_path else None
+            ids = np.arange(start, stop, dtype=np.int64)  # the index where a shot has no ID
+            bunch_id = np.empty(1, np.int64)
+            for i, entry in enumerate(self.entries[start:stop]):
+                self._read_into(f"{entry}/instrument_1/detector_1/data", images[i])
+                if labels is not None:
+                    self._read_into(f"{entry}/{self.label_path}", labels[i])
+                if h5.id.links.exists(f"{entry}/experimental_identifier".encode()):
+                    self._read_into(f"{entry}/experimental_identifier", bunch_id)
+                    ids[i] = bunch_id[0]
         finite = np.isfinite(images)
         if not finite.all():
             for i in np.flatnonzero(~finite.reshape(len(images), -1).all(axis=1)):
@@ -311,7 +326,7 @@ class CxiFile:
 
 
 def _cxi_records(readers, cfg, split, one_pass):
-    """Shots of CXI files, read in ordered parallel slabs, as dicts: image, bunch_id, index
+    """Shots of CXI files, read in slabs by a background thread, as dicts: image, bunch_id, index
     (over all files) and, where every file has them, label."""
     shot_bytes = cfg.ori_height * cfg.ori_width * cfg.ori_depth * 4
     per_slab = int(np.clip(SLAB_BYTES // shot_bytes, 1, 64))
@@ -339,7 +354,10 @@ def _cxi_records(readers, cfg, split, one_pass):
     ds = tf.data.Dataset.from_tensor_slices(np.array(slabs, np.int64).reshape(-1, 4))
     if not one_pass:
         ds = ds.shuffle(len(slabs), seed=cfg.random_seed)
-    ds = ds.map(read, num_parallel_calls=cfg.num_worker, deterministic=True).unbatch()
+    # One reader thread, ahead of the consumer: h5py serialises every HDF5 call under one lock, so
+    # more slabs in flight only fight over that lock and the GIL (per-shot CXI, 259 px: 1,860 img/s
+    # with one reader, 1,430 with four).
+    ds = ds.map(read, num_parallel_calls=1, deterministic=True).unbatch()
     if split is not None:  # one file set for all modes: hold out every eval_every-th shot
         held_out = lambda shot: tf.equal(shot["index"] % cfg.eval_every, cfg.eval_every - 1)
         if split == "train":

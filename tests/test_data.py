@@ -69,6 +69,27 @@ def test_cxi_per_shot_layout(cxi_dir, shots):
     np.testing.assert_array_equal(predicted["label"], shots[1][16:])
 
 
+def test_cxi_per_shot_reader_tolerates_layout_variants_and_names_a_bad_shot(tmp_path, shots):
+    images, labels = shots[0][:4], shots[1][:4]
+    path = str(tmp_path / "a.cxi")
+    data.write_cxi_shots(path, images, labels, [70, 71, 72, 73])
+    with h5py.File(path, "a") as h5:
+        del h5["entry_2/experimental_identifier"]  # no ID: the shot's index stands in
+        del h5["entry_3/instrument_1/detector_1/data"]
+        h5["entry_3/instrument_1/detector_1/data"] = images[2][None]  # stored as 1 x H x W
+    reader = data.CxiFile(path, make_cfg(), needs_labels=True)
+    got_images, got_labels, ids = reader.read(0, 4)
+    np.testing.assert_array_equal(got_images, images.astype(np.float32))
+    np.testing.assert_array_equal(got_labels, labels)
+    assert ids.tolist() == [70, 1, 72, 73]
+    reader.h5.close()
+    with h5py.File(path, "a") as h5:
+        del h5["entry_4/instrument_1/detector_1/data"]
+        h5["entry_4/instrument_1/detector_1/data"] = images[3][:30]
+    with pytest.raises(OSError, match=r"a\.cxi: shots 0-3: .*entry_4/instrument_1/detector_1/data has shape"):
+        data.CxiFile(path, make_cfg(), needs_labels=True).read(0, 4)
+
+
 def test_single_stacked_file_is_split_deterministically(cxi_dir, shots):
     cfg = make_cfg(f"--data_dir={cxi_dir}", "--dataset=stacked")
     evaluated = collect(data.dataset(cfg, "eval", one_pass=True))
