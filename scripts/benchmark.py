@@ -4,6 +4,7 @@
     python scripts/benchmark.py input      # TFRecord and CXI readers, 259x259 -> 224x224, batch 24
     python scripts/benchmark.py train      # ResNet-18 224x224x1 batch 24: bare step vs the real loop
     python scripts/benchmark.py predict    # ResNet-18 224x224x1 batch 24: without and with Grad-CAM++
+    python scripts/benchmark.py predict --compare_torch   # ... and the same net under torch.compile
 
 Common flags: --size (stored), --target, --batch_size, --resnet_size, --steps; the data is synthetic,
 written once to --work (default /tmp/airynet-bench).
@@ -126,6 +127,75 @@ def bench_predict(args):
     print(f"predict ResNet-{args.resnet_size} {args.target}x{args.target}x1 batch {args.batch_size}")
     for name, rate in rates.items():
         print(f"  {name:<28} {rate:8.1f} img/s")
+    print(f"  with maps / without: {rates['with maps (layer size)'] / rates['without maps']:.2f}x (layer size), "
+          f"{rates['with maps (resized)'] / rates['without maps']:.2f}x (resized)")
+    if args.compare_torch:
+        compiled = torch_inference_rate(cfg, args.steps)
+        print(f"  PyTorch torch.compile, same net  {compiled:8.1f} img/s  "
+              f"(AiryNet without maps: {rates['without maps'] / compiled:.2f}x)")
+
+
+def torch_inference_rate(cfg, n_batches, repeats=3):
+    """Images per second of the same ResNet-v2 (basic blocks, log activation, leaky ReLU, NCHW data in
+    channels_last memory) in PyTorch under torch.compile: the yardstick for AiryNet's prediction.
+    Needs `pip install torch==2.13.0` (not a requirement of AiryNet)."""
+    import math
+    try:
+        import torch
+    except ImportError:
+        sys.exit("--compare_torch needs PyTorch: pip install torch==2.13.0")
+    from torch import nn
+    from torch.nn import functional as F
+    from nn import resnet
+    blocks, bottleneck = resnet.SIZES[cfg.resnet_size]
+    if bottleneck:
+        sys.exit(f"--compare_torch: only the basic-block ResNets (18, 34), not --resnet_size={cfg.resnet_size}")
+    slope = cfg.relu_leakiness
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c_out, stride, project):
+            super().__init__()
+            self.bn1, self.bn2 = nn.BatchNorm2d(c_in, eps=1e-5), nn.BatchNorm2d(c_out, eps=1e-5)
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+            self.proj = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if project else None  # as nn/resnet.py
+
+        def forward(self, x):
+            pre = F.leaky_relu(self.bn1(x), slope)
+            shortcut = x if self.proj is None else self.proj(pre)
+            return self.conv2(F.leaky_relu(self.bn2(self.conv1(pre)), slope)) + shortcut
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(cfg.target_depth, 64, 7, 2, 3, bias=False)
+            layers, c_in = [], 64
+            for n, c_out, stride in zip(blocks, resnet.GROUP_FILTERS, resnet.GROUP_STRIDES):
+                for i in range(n):
+                    layers.append(Block(c_in, c_out, stride if i == 0 else 1, project=i == 0))
+                    c_in = c_out
+            self.blocks = nn.Sequential(*layers)
+            self.bn, self.fc = nn.BatchNorm2d(c_in, eps=1e-5), nn.Linear(c_in, cfg.num_classes)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = cfg.alpha * torch.sign(x) * torch.log1p(math.e * x.abs()) + cfg.beta
+            x = self.blocks(F.max_pool2d(x, 3, 2, 1))
+            return self.fc(F.leaky_relu(self.bn(x), slope).mean((2, 3)))
+
+    net = torch.compile(Net().eval().to(memory_format=torch.channels_last))
+    images = torch.rand(cfg.batch_size, cfg.target_depth, cfg.target_height, cfg.target_width).mul(100)
+    images = images.to(memory_format=torch.channels_last)
+    best = 0.0
+    with torch.inference_mode():
+        for _ in range(3):  # compile and warm up
+            net(images)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(n_batches):
+                net(images)
+            best = max(best, n_batches * cfg.batch_size / (time.perf_counter() - start))
+    return best
 
 
 def main():
@@ -138,6 +208,8 @@ def main():
     p.add_argument("--num_worker", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="Batches timed (input: per run).")
     p.add_argument("--rounds", type=int, default=5, help="Input: timed runs per reader.")
+    p.add_argument("--compare_torch", action="store_true",
+                   help="Predict: also time the same net under PyTorch's torch.compile (needs torch).")
     p.add_argument("--work", default="/tmp/airynet-bench")
     args = p.parse_args()
     {"input": bench_input, "train": bench_train, "predict": bench_predict}[args.what](args)
