@@ -146,7 +146,7 @@ def log_start(cfg, strategy, resume_path, cluster=None):
             else type(strategy).__name__.lstrip("_"))
     log.info("Strategy %s with %d replica(s) in sync%s", name, strategy.num_replicas_in_sync,
              f" ({cluster.task})" if cluster else "")
-    log.info("Data format %s; mixed precision %s; XLA %s",
+    log.info("Data format %s; mixed precision %s; XLA-compiled training step %s",
              "channels_first (NCHW)" if cfg.use_nchw else "channels_last (NHWC)", cfg.mixed_precision,
              "on" if cfg.jit_compile else "off")
     if resume_path:

@@ -302,13 +302,13 @@ def test_mixed_precision_and_xla_train_and_resume(tfrecord_dir, tmp_path, caplog
            "--train_steps=2", "--steps_per_eval=2", "--mixed_precision=fp16"] + TINY + ["--batch_size=2"]
     assert airynet.main(run) == 0
     assert "--mixed_precision=fp16: no GPU found" in caplog.text
-    assert "mixed precision fp16; XLA off" in caplog.text
+    assert "mixed precision fp16; XLA-compiled training step off" in caplog.text
     run_dir = str(tmp_path / "helium_x")
     # The checkpoint holds the SGD, not fp16's loss-scale wrapper: bf16 with XLA continues the fp16 run.
     resume = ["--mode=train", f"--load_dir={run_dir}", "--train_steps=4", "--mixed_precision=bf16",
               "--jit_compile=true"]
     assert airynet.main(resume) == 0
-    assert "mixed precision bf16; XLA on" in caplog.text and "(step 2)" in caplog.text
+    assert "mixed precision bf16; XLA-compiled training step on" in caplog.text and "(step 2)" in caplog.text
     losses = [float(x) for x in re.findall(r"cross-entropy (\S+)", capsys.readouterr().out)]
     assert len(losses) >= 4 and np.all(np.isfinite(losses))
     assert tf.train.latest_checkpoint(run_dir).endswith("model.ckpt-4")
