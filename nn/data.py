@@ -244,7 +244,7 @@ class CxiFile:
             self.count = len(entries)
             height, width = h5[entries[0]]["instrument_1/detector_1/data"].shape[-2:]
             self.image_shape = (height, width)
-            self.label_path = "note_1/data" if all("note_1/data" in h5[e] for e in entries[:1]) else None
+            self.label_path = "note_1/data" if "note_1/data" in h5[entries[0]] else None
             self.mask_path = None
         if (height, width) != (cfg.ori_height, cfg.ori_width):
             raise AiryNetError(f"{path}: images are {height}x{width} but --ori_height/--ori_width say "
@@ -263,15 +263,10 @@ class CxiFile:
                 raise AiryNetError(f"{path}: labels have dtype {labels.dtype}, expected 0/1 numbers")
             if self.layout == "stacked" and labels.shape[0] != self.count:
                 raise AiryNetError(f"{path}: {labels.shape[0]} labels for {self.count} shots")
-            n = self._label_length()
-            if n != cfg.num_classes:
-                raise AiryNetError(f"{path}: labels have {n} entries per shot, expected "
+            self.num_labels = int(np.prod(labels.shape[1:] if self.layout == "stacked" else labels.shape))
+            if self.num_labels != cfg.num_classes:
+                raise AiryNetError(f"{path}: labels have {self.num_labels} entries per shot, expected "
                                    f"{cfg.num_classes} (--num_classes)")
-
-    def _label_length(self):
-        if self.layout == "stacked":
-            return int(np.prod(self.h5[self.label_path].shape[1:]))
-        return int(np.prod(self.h5[self.entries[0]][self.label_path].shape))
 
     def _read_into(self, path, out):
         """Read the dataset at `path` (any shape holding out.size values) into the array `out`."""
@@ -304,16 +299,18 @@ class CxiFile:
             # the high-level group and dataset objects cost more than the reading itself here.
             n = stop - start
             images = np.empty((n, *self.image_shape), np.float32)
-            labels = np.empty((n, self._label_length()), np.float32) if self.label_path else None
+            labels = np.empty((n, self.num_labels), np.float32) if self.label_path else None
             ids = np.arange(start, stop, dtype=np.int64)  # the index where a shot has no ID
             bunch_id = np.empty(1, np.int64)
             for i, entry in enumerate(self.entries[start:stop]):
                 self._read_into(f"{entry}/instrument_1/detector_1/data", images[i])
                 if labels is not None:
                     self._read_into(f"{entry}/{self.label_path}", labels[i])
-                if h5.id.links.exists(f"{entry}/experimental_identifier".encode()):
+                try:
                     self._read_into(f"{entry}/experimental_identifier", bunch_id)
                     ids[i] = bunch_id[0]
+                except KeyError:  # the shot has no ID
+                    pass
         finite = np.isfinite(images)
         if not finite.all():
             for i in np.flatnonzero(~finite.reshape(len(images), -1).all(axis=1)):

@@ -49,6 +49,14 @@ def write_data(args, n=2000):
     return dirs
 
 
+def images_per_second(run_batch, n_batches, batch_size):
+    """Throughput of n_batches calls of run_batch(), each handling batch_size images."""
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        run_batch()
+    return n_batches * batch_size / (time.perf_counter() - start)
+
+
 def bench_input(args):
     dirs = write_data(args)
     print(f"input pipeline, {args.size}x{args.size} uint16 -> {args.target}x{args.target}, batch {args.batch_size}, "
@@ -60,12 +68,7 @@ def bench_input(args):
             next(batches)
         # One reader at a time, in steady state: a reader left idle beside the timed one would fill
         # its prefetch queue meanwhile and look faster when its turn came.
-        runs = []
-        for _ in range(args.rounds):
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                next(batches)
-            runs.append(args.steps * args.batch_size / (time.perf_counter() - start))
+        runs = [images_per_second(lambda: next(batches), args.steps, args.batch_size) for _ in range(args.rounds)]
         print(f"  {name:<9} {np.median(runs):8.0f} img/s median, {max(runs):.0f} best of {len(runs)} runs of "
               f"{args.steps} batches", flush=True)
         del batches
@@ -89,10 +92,7 @@ def bench_train(args):
         return loss
 
     bare_step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        bare_step()
-    bare = args.steps * args.batch_size / (time.perf_counter() - start)
+    bare = images_per_second(bare_step, args.steps, args.batch_size)
     print(f"train ResNet-{args.resnet_size} {args.target}x{args.target}x1 batch {args.batch_size}")
     print(f"  bare train step (in-memory batch): {bare:8.1f} img/s")
 
@@ -186,16 +186,10 @@ def torch_inference_rate(cfg, n_batches, repeats=3):
     net = torch.compile(Net().eval().to(memory_format=torch.channels_last))
     images = torch.rand(cfg.batch_size, cfg.target_depth, cfg.target_height, cfg.target_width).mul(100)
     images = images.to(memory_format=torch.channels_last)
-    best = 0.0
     with torch.inference_mode():
         for _ in range(3):  # compile and warm up
             net(images)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(n_batches):
-                net(images)
-            best = max(best, n_batches * cfg.batch_size / (time.perf_counter() - start))
-    return best
+        return max(images_per_second(lambda: net(images), n_batches, cfg.batch_size) for _ in range(repeats))
 
 
 def main():
