@@ -252,7 +252,7 @@ class RssProbe:
 
 
 def test_memory_stays_flat_over_thousands_of_shots(tmp_path):
-    n, size, batch = 3000, 32, 50
+    n, size, batch = 1800, 128, 50
     model = tiny_model(size)
     records = tf.data.Dataset.range(n).map(lambda i: {
         "image": 40.0 * tf.random.stateless_gamma([size, size, 1], tf.stack([tf.constant(7, tf.int64), i]), 0.5),
@@ -260,13 +260,18 @@ def test_memory_stays_flat_over_thousands_of_shots(tmp_path):
     probe = RssProbe(records.batch(batch))
     predict.run(cfg_for(tmp_path, size=size), model, probe)
     with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
-        assert f["images"].shape == (n, size, size, 1) and f["grad_cam"].shape == (n, CLASSES, 16, 16)
+        assert f["images"].shape == (n, size, size, 1) and f["grad_cam"].shape == (n, CLASSES, 64, 64)
         per_shot = sum(f[k].dtype.itemsize * np.prod(f[k].shape[1:]) for k in ("images", "grad_cam", "probs"))
-    # Keeping the results of the last 2000 shots in memory would take 2000 * per_shot = 9.7 MB (plus
-    # the per-object overhead of Python); streamed to disk, the growth stays far below a third of it.
-    growth = probe.samples[-1] - probe.samples[len(probe.samples) // 3]
-    assert per_shot * 2000 > 9e6
-    assert growth < per_shot * 2000 / 3, f"memory grew by {growth / 1e6:.1f} MB"
+    # Results kept in memory instead of streamed to disk would make the process grow by per_shot (90 kB)
+    # a shot: 95 MB over the last thousand-odd shots. The allocator and TensorFlow's caches move the resident size
+    # by a few MB either way (up to 6 MB seen in CI), so the signal is made large and the bar is a third
+    # of it; three samples at each end keep one transient spike from deciding.
+    samples = np.array(probe.samples, dtype=np.float64)
+    start = len(samples) // 3
+    growth = np.median(samples[-3:]) - np.median(samples[start:start + 3])
+    kept = per_shot * batch * (len(samples) - 3 - start)
+    assert kept > 90e6
+    assert growth < kept / 3, f"memory grew by {growth / 1e6:.1f} MB over {kept / per_shot:.0f} shots"
 
 
 def test_shard_of_reads_the_flags_or_slurm(monkeypatch):
