@@ -2,6 +2,7 @@
 """Throughput figures, printed (never asserted): input pipeline, training and prediction.
 
     python scripts/benchmark.py input      # TFRecord and CXI readers, 259x259 -> 224x224, batch 24
+    python scripts/benchmark.py input --baseline   # ... and plain per-shot pipelines on the same data
     python scripts/benchmark.py train      # ResNet-18 224x224x1 batch 24: bare step vs the real loop
     python scripts/benchmark.py predict    # ResNet-18 224x224x1 batch 24: without and with Grad-CAM++
     python scripts/benchmark.py predict --compare_torch   # ... and the same net under torch.compile
@@ -31,11 +32,17 @@ def make_cfg(args, *flags):
                               f"--num_worker={args.num_worker}", "--use_nchw=false", *flags])
 
 
-def write_data(args, n=2000):
+# More shots than the original's shuffle buffer (5,000 + 3 batches), so that a timed run reads as many
+# shots as it takes, the steady state of a real dataset.
+SHOTS = 8000
+
+
+def write_data(args, n=SHOTS):
     """A TFRecord, a stacked CXI and a per-shot CXI directory of n synthetic shots, written once."""
-    dirs = {k: os.path.join(args.work, f"{k}{args.size}") for k in ("tfrecord", "stacked", "shots")}
+    dirs = {k: os.path.join(args.work, f"{k}{args.size}_{n}") for k in ("tfrecord", "stacked", "shots")}
     if not all(os.path.isdir(d) for d in dirs.values()):
-        images, labels = simulate.simulate(n, 1, args.size)
+        chunks = [simulate.simulate(min(2000, n - start), 1, args.size, start=start) for start in range(0, n, 2000)]
+        images, labels = (np.concatenate(parts) for parts in zip(*chunks))
         ids = np.arange(n)
         for d in dirs.values():
             os.makedirs(d, exist_ok=True)
@@ -57,21 +64,82 @@ def images_per_second(run_batch, n_batches, batch_size):
     return n_batches * batch_size / (time.perf_counter() - start)
 
 
+def steady_rates(datasets, args):
+    """{name: [images/s of each of args.rounds timed runs of args.steps batches]}. The datasets take
+    turns, run by run, so that a slow spell of a shared machine hits them alike; only one is iterated at
+    a time (an idle one would fill its prefetch queues meanwhile and look faster when its turn came), and
+    each run starts after a warm-up that fills the shuffle buffer and the queues."""
+    rates = {name: [] for name in datasets}
+    for _ in range(args.rounds):
+        for name, dataset in datasets.items():
+            batches = iter(dataset)
+            for _ in range(10):
+                next(batches)
+            rates[name].append(images_per_second(lambda: next(batches), args.steps, args.batch_size))
+            del batches
+    return rates
+
+
+def plain_pipelines(args, dirs):
+    """The straightforward pipelines, per record, with tf.image ops: the yardstick on the same machine.
+    TFRecord: parse, crop or pad, resize and flip one record at a time in parallel map calls. HDF5: one
+    shot at a time from a Python generator over h5py (in shuffled order), then the same per-shot map."""
+    import h5py
+    size, crop = args.size, data.crop_size(args.size)
+
+    def prepare(image):
+        image = tf.image.resize_with_crop_or_pad(tf.cast(image, tf.float32), crop, crop)
+        image = tf.image.resize(image, (args.target, args.target))
+        return tf.image.random_flip_up_down(tf.image.random_flip_left_right(image))
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})
+        return prepare(tf.reshape(tf.io.decode_raw(example["image/encoded"], tf.uint16), [size, size, 1]))
+
+    def shots(path, stacked):
+        with h5py.File(path, "r") as f:
+            if stacked:
+                images = f["entry_1/data_1/data"]
+            else:
+                images = [f[k]["instrument_1/detector_1/data"] for k in f if k.startswith("entry_")]
+            while True:
+                for i in np.random.default_rng(1).permutation(len(images)):
+                    yield images[i][...][..., None]
+
+    def from_h5(name):
+        path = os.path.join(dirs[name], "b_train.cxi")
+        records = tf.data.Dataset.from_generator(lambda: shots(path, name == "stacked"),
+                                                 output_signature=tf.TensorSpec([size, size, 1], tf.float32))
+        return records.map(prepare, num_parallel_calls=data.AUTOTUNE)
+
+    records = tf.data.TFRecordDataset(os.path.join(dirs["tfrecord"], "b_train.tfrecord")).shuffle(2000).repeat()
+    return {"tfrecord": records.map(parse, num_parallel_calls=data.AUTOTUNE),
+            "stacked": from_h5("stacked"), "shots": from_h5("shots")}
+
+
 def bench_input(args):
+    # A timed run (after the warm-up, which fills the shuffle buffer) must end before the last shot: the
+    # next pass starts by refilling the whole buffer, a pause a real dataset meets once an epoch.
+    if 5000 + (3 + 10 + args.steps + 10) * args.batch_size > SHOTS:  # buffer, warm-up, run, read-ahead
+        sys.exit(f"--steps={args.steps}: a timed input run must stay within the {SHOTS} benchmark shots")
     dirs = write_data(args)
     print(f"input pipeline, {args.size}x{args.size} uint16 -> {args.target}x{args.target}, batch {args.batch_size}, "
           f"train mode (shuffle, flips), {args.num_worker} workers, {os.cpu_count()} cores")
+    plain = plain_pipelines(args, dirs) if args.baseline else {}
     for name, directory in dirs.items():
         cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}")
-        batches = iter(data.dataset(cfg, "train"))
-        for _ in range(10):  # warm-up: fill the shuffle buffer and the prefetch queues
-            next(batches)
-        # One reader at a time, in steady state: a reader left idle beside the timed one would fill
-        # its prefetch queue meanwhile and look faster when its turn came.
-        runs = [images_per_second(lambda: next(batches), args.steps, args.batch_size) for _ in range(args.rounds)]
-        print(f"  {name:<9} {np.median(runs):8.0f} img/s median, {max(runs):.0f} best of {len(runs)} runs of "
-              f"{args.steps} batches", flush=True)
-        del batches
+        datasets = {"airynet": data.dataset(cfg, "train")}
+        if name in plain:
+            datasets["plain"] = plain[name].batch(args.batch_size).prefetch(data.AUTOTUNE)
+        runs = steady_rates(datasets, args)
+        rates = {k: np.median(v) for k, v in runs.items()}
+        # The first run reads its shots for the first time (a per-shot CXI file: HDF5 looks each one up).
+        line = (f"  {name:<9} {rates['airynet']:8.0f} img/s (median of {args.rounds} runs of {args.steps} batches; "
+                f"first run {runs['airynet'][0]:.0f})")
+        if "plain" in rates:
+            ratio = rates["airynet"] / rates["plain"]
+            line += f"; plain per-shot pipeline {rates['plain']:.0f} img/s (AiryNet {ratio:.2f}x)"
+        print(line, flush=True)
 
 
 def bench_train(args):
@@ -107,9 +175,9 @@ def bench_train(args):
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("airynet").addHandler(handler)
     steps = args.steps + 2
-    flags = ["--mode=train", f"--data_dir={args.work}/", f"--dataset=tfrecord{args.size}",
+    flags = ["--mode=train", f"--data_dir={args.work}/", f"--dataset={os.path.basename(dirs['tfrecord'])}",
              f"--log_dir={args.work}/runs", f"--out_dir_name=bench{time.time_ns()}", f"--train_steps={steps}",
-             f"--steps_per_eval={steps}", "--eval_steps=1", f"--log_step={steps}", "--dataset_size=2000",
+             f"--steps_per_eval={steps}", "--eval_steps=1", f"--log_step={steps}", f"--dataset_size={SHOTS}",
              f"--ori_width={args.size}", f"--ori_height={args.size}", f"--target_width={args.target}",
              f"--target_height={args.target}", f"--batch_size={args.batch_size}", f"--resnet_size={args.resnet_size}"]
     assert airynet.main(flags) == 0
@@ -200,12 +268,16 @@ def main():
     p.add_argument("--batch_size", type=int, default=24)
     p.add_argument("--resnet_size", type=int, default=18)
     p.add_argument("--num_worker", type=int, default=4)
-    p.add_argument("--steps", type=int, default=40, help="Batches timed (input: per run).")
-    p.add_argument("--rounds", type=int, default=5, help="Input: timed runs per reader.")
+    p.add_argument("--steps", type=int, help="Batches timed: input 60 a run (at most 102), train/predict 40.")
+    p.add_argument("--rounds", type=int, default=5, help="Input: timed runs per pipeline.")
+    p.add_argument("--baseline", action="store_true",
+                   help="Input: also time plain per-shot pipelines (tf.image ops; h5py generator) on the same data.")
     p.add_argument("--compare_torch", action="store_true",
                    help="Predict: also time the same net under PyTorch's torch.compile (needs torch).")
     p.add_argument("--work", default="/tmp/airynet-bench")
     args = p.parse_args()
+    if args.steps is None:
+        args.steps = 60 if args.what == "input" else 40
     {"input": bench_input, "train": bench_train, "predict": bench_predict}[args.what](args)
 
 

@@ -86,8 +86,45 @@ def test_cxi_per_shot_reader_tolerates_layout_variants_and_names_a_bad_shot(tmp_
     with h5py.File(path, "a") as h5:
         del h5["entry_4/instrument_1/detector_1/data"]
         h5["entry_4/instrument_1/detector_1/data"] = images[3][:30]
-    with pytest.raises(OSError, match=r"a\.cxi: shots 0-3: .*entry_4/instrument_1/detector_1/data has shape"):
+    with pytest.raises(OSError, match=r"a\.cxi: shots 0-3: .*entry_4/instrument_1/detector_1/data has 1200 values, "
+                                      r"expected 1600"):
         data.CxiFile(path, make_cfg(), needs_labels=True).read(0, 4)
+
+
+def test_cxi_per_shot_reads_every_storage_as_hdf5_does(tmp_path, shots, caplog):
+    """Contiguous datasets are read by offset, the others by HDF5: the values must not depend on which."""
+    images, labels = shots[0][:6], shots[1][:6]
+    path = str(tmp_path / "a.cxi")
+    data.write_cxi_shots(path, images, labels, [10, 11, 12, 13, 14, 15])
+    floats = images[3].astype(">f4")  # big-endian floats, one NaN
+    floats[5, 6] = np.nan
+    with h5py.File(tmp_path / "other.h5", "w") as other:
+        other["image"] = images[4]
+    with h5py.File(path, "a") as h5:
+        for entry, value, options in (("entry_2", images[1], {"compression": "gzip", "chunks": (8, 8)}),
+                                      ("entry_3", images[2].astype(np.int32), {"chunks": True}),
+                                      ("entry_4", floats, {})):
+            del h5[f"{entry}/instrument_1/detector_1/data"]
+            h5.create_dataset(f"{entry}/instrument_1/detector_1/data", data=value, **options)
+        del h5["entry_5/instrument_1/detector_1/data"]
+        h5["entry_5/instrument_1/detector_1/data"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "image")
+        del h5["entry_6/note_1/data"]
+        h5.create_dataset("entry_6/note_1/data", data=labels[5].astype(np.float64), compression="gzip")
+    reader = data.CxiFile(path, make_cfg(), needs_labels=True)
+    offsets = [reader._place(f"entry_{n}/instrument_1/detector_1/data")[1] for n in range(1, 7)]
+    assert [offset is not None for offset in offsets] == [True, False, False, True, False, True]
+    expected = images.astype(np.float32)
+    expected[3] = np.where(np.isnan(floats), 0, floats)
+    for _ in range(2):  # the second pass reads from the offsets found in the first
+        got_images, got_labels, ids = reader.read(0, 6)
+        np.testing.assert_array_equal(got_images, expected)
+        np.testing.assert_array_equal(got_labels, labels)
+        assert ids.tolist() == [10, 11, 12, 13, 14, 15]
+    assert "shot 3 (ID 13): 1 NaN/Inf pixels set to 0" in caplog.text
+    with open(path, "r+b") as f:  # the file is cut while it is being read (HDF5 refuses to open a cut file)
+        f.truncate(offsets[5] + 100)
+    with pytest.raises(OSError, match=r"a\.cxi: shots 5-5: .*a\.cxi ends inside entry_6/instrument_1/detector_1/data"):
+        reader.read(5, 6)
 
 
 def test_single_stacked_file_is_split_deterministically(cxi_dir, shots):
@@ -131,14 +168,49 @@ def test_preprocessing_scaling_rgb_and_downsampling(tfrecord_dir, shots):
     np.testing.assert_allclose(got[..., 0], blocks, rtol=1e-5, atol=1e-7)
 
 
+def exact_bilinear(images, height, width):
+    """Half-pixel bilinear resize of [N, H, W, D] in float64, straight from the definition (edge pixels
+    repeated where a sample falls outside, as TensorFlow does)."""
+    for axis, size in ((1, height), (2, width)):
+        n = images.shape[axis]
+        position = (np.arange(size) + 0.5) * n / size - 0.5
+        frac = (position - np.floor(position)).reshape([-1 if a == axis else 1 for a in range(4)])
+        lower = np.clip(np.floor(position), 0, n - 1).astype(int)
+        upper = np.clip(np.ceil(position), 0, n - 1).astype(int)
+        images = np.take(images, lower, axis) * (1 - frac) + np.take(images, upper, axis) * frac
+    return images
+
+
+@pytest.mark.parametrize("shape, target", [((256, 256, 1), (224, 224)),  # the default: matrix products
+                                           ((64, 64, 1), (48, 64)),  # one axis kept as it is
+                                           ((1024, 1024, 1), (224, 224)),  # shrunk over 2x: tf.image
+                                           ((32, 32, 1), (16, 20)), ((16, 24, 1), (40, 30)),  # enlarged
+                                           ((40, 48, 3), (32, 40))])  # RGB
+def test_resize_is_bilinear_with_half_pixel_centres(shape, target):
+    raw = np.random.default_rng(3).integers(0, 65535, (2, *shape)).astype(np.uint16)
+    got = data.resize(tf.constant(raw), *target)
+    assert got.dtype == tf.float32 and got.shape == (2, *target, shape[2])
+    # The products use exact float64 weights; tf.image.resize computes its sample positions in float32,
+    # which moves its values by up to about 1e-4 of the range on random pixels.
+    np.testing.assert_allclose(got.numpy(), exact_bilinear(raw.astype(np.float64), *target), rtol=0, atol=7.0)
+    np.testing.assert_allclose(got.numpy(), tf.image.resize(raw.astype(np.float32), target).numpy(), rtol=0, atol=7.0)
+
+
+def test_the_default_resize_is_exact_to_float32_rounding():
+    raw = np.random.default_rng(5).integers(0, 65535, (3, 256, 256, 1)).astype(np.uint16)
+    expected = exact_bilinear(raw.astype(np.float64), 224, 224)
+    np.testing.assert_allclose(data.resize(tf.constant(raw), 224, 224).numpy(), expected, rtol=1e-6, atol=0.02)
+    assert np.abs(tf.image.resize(raw.astype(np.float32), (224, 224)).numpy() - expected).max() > 0.5
+
+
 @pytest.mark.parametrize("stored, target", [((37, 41), (16, 20)), ((259, 259), (224, 224)), ((20, 24), (40, 30))])
-def test_preprocess_is_the_tf_image_crop_and_resize(stored, target):
+def test_preprocess_crops_the_centre_then_resizes(stored, target):
     cfg = make_cfg(f"--ori_height={stored[0]}", f"--ori_width={stored[1]}", f"--target_height={target[0]}",
                    f"--target_width={target[1]}", "--use_log_act=false")
     raw = np.random.default_rng(3).integers(0, 65535, (2, *stored, 1)).astype(np.uint16)
     crop = [data.crop_size(n) for n in stored]
-    expected = tf.image.resize(tf.image.resize_with_crop_or_pad(raw.astype(np.float32) / 65535.0, *crop), target)
-    np.testing.assert_allclose(data.preprocess(raw, cfg).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    expected = exact_bilinear(tf.image.resize_with_crop_or_pad(raw, *crop).numpy().astype(np.float64), *target)
+    np.testing.assert_allclose(data.preprocess(raw, cfg).numpy(), expected / 65535.0, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("depth", [1, 3])
