@@ -78,7 +78,8 @@ def build_parser():
     g.add_argument("--single_label", type=str2bool, default=False,
                    help="Exclusive classes: softmax cross-entropy and arg-max predictions (the original's "
                         "cifar10 path) instead of multi-label sigmoids.")
-    g.add_argument("--num_worker", type=int, default=4, help="Parallel TFRecord readers and synthetic-shot generators.")
+    g.add_argument("--num_worker", type=int, default=4,
+                   help="Parallel TFRecord readers (at most one per file) and synthetic-shot generators.")
     g.add_argument("--use_ccf", type=str2bool, default=False,
                    help="Read the cross-correlation image feature (image/ccf/encoded) instead of the "
                         "raw image.")
