@@ -311,14 +311,14 @@ class CxiFile:
                 raise AiryNetError(f"{path}: labels have {self.num_labels} entries per shot, expected "
                                    f"{cfg.num_classes} (--num_classes)")
 
-    SHOT_FIELDS = ("instrument_1/detector_1/data", "note_1/data", "experimental_identifier")
-
     def _locate(self, entry):
-        """Where each of a shot's image, labels and ID lies (see _place), found once per shot: the second
-        pass over a file reads without asking HDF5 anything."""
+        """Where each of a shot's image, labels (None where the file has none) and ID lies (see _place),
+        found once per shot: the second pass over a file reads without asking HDF5 anything."""
         places = self._places.get(entry)
         if places is None:
-            places = self._places[entry] = tuple(self._place(f"{entry}/{name}") for name in self.SHOT_FIELDS)
+            fields = ("instrument_1/detector_1/data", self.label_path, "experimental_identifier")
+            places = self._places[entry] = tuple(self._place(f"{entry}/{name}") if name else None
+                                                 for name in fields)
         return places
 
     def _place(self, path):
@@ -502,6 +502,11 @@ def check_sources(cfg, mode):
     return kind, files, split
 
 
+def shuffle_buffer(batch_size):
+    """Shots held by the train/eval shuffle: the original's 5000 + 3 batches."""
+    return 5000 + 3 * batch_size
+
+
 def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
     """Batches of `mode` data ready for the network; see the module docstring for their structure.
 
@@ -525,7 +530,7 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
     if shard_count > 1:
         records = records.shard(shard_count, shard_index)
     if not one_pass:
-        records = records.shuffle(5000 + 3 * cfg.batch_size, seed=cfg.random_seed).repeat()
+        records = records.shuffle(shuffle_buffer(cfg.batch_size), seed=cfg.random_seed).repeat()
     records = records.batch(cfg.batch_size, drop_remainder=not one_pass)
 
     training = mode == "train" and not one_pass

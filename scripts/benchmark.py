@@ -32,7 +32,7 @@ def make_cfg(args, *flags):
                               f"--num_worker={args.num_worker}", "--use_nchw=false", *flags])
 
 
-# More shots than the original's shuffle buffer (5,000 + 3 batches), so that a timed run reads as many
+# More shots than the shuffle buffer (data.shuffle_buffer: 5,000 + 3 batches), so that a timed run reads as many
 # shots as it takes, the steady state of a real dataset.
 SHOTS = 8000
 
@@ -120,7 +120,7 @@ def plain_pipelines(args, dirs):
 def bench_input(args):
     # A timed run (after the warm-up, which fills the shuffle buffer) must end before the last shot: the
     # next pass starts by refilling the whole buffer, a pause a real dataset meets once an epoch.
-    if 5000 + (3 + 10 + args.steps + 10) * args.batch_size > SHOTS:  # buffer, warm-up, run, read-ahead
+    if data.shuffle_buffer(args.batch_size) + (10 + args.steps + 10) * args.batch_size > SHOTS:  # + read-ahead
         sys.exit(f"--steps={args.steps}: a timed input run must stay within the {SHOTS} benchmark shots")
     dirs = write_data(args)
     print(f"input pipeline, {args.size}x{args.size} uint16 -> {args.target}x{args.target}, batch {args.batch_size}, "

@@ -263,9 +263,9 @@ def test_memory_stays_flat_over_thousands_of_shots(tmp_path):
         assert f["images"].shape == (n, size, size, 1) and f["grad_cam"].shape == (n, CLASSES, 64, 64)
         per_shot = sum(f[k].dtype.itemsize * np.prod(f[k].shape[1:]) for k in ("images", "grad_cam", "probs"))
     # Results kept in memory instead of streamed to disk would make the process grow by per_shot (90 kB)
-    # a shot: 95 MB over the last thousand-odd shots. The allocator and TensorFlow's caches move the resident size
-    # by a few MB either way (up to 6 MB seen in CI), so the signal is made large and the bar is a third
-    # of it; three samples at each end keep one transient spike from deciding.
+    # a shot: 95 MB over the last thousand-odd shots. The allocator and TensorFlow's caches move the
+    # resident size by a few MB either way (up to 6 MB seen in CI), so the signal is made large and the bar
+    # is a third of it; three samples at each end keep one transient spike from deciding.
     samples = np.array(probe.samples, dtype=np.float64)
     start = len(samples) // 3
     growth = np.median(samples[-3:]) - np.median(samples[start:start + 3])
