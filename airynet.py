@@ -49,12 +49,23 @@ def run(cfg):
     # Set on every run, "none" included: the policy is global and must not leak into a later run in this process.
     keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[cfg.mixed_precision])
 
-    from nn import train
+    from nn import cxi
+    try:
+        return dispatch(cfg)
+    finally:
+        cxi.close_all()
+
+
+def dispatch(cfg):
+    """One module per mode; predict, save and eval never import the training module."""
     if cfg.mode == "train":
+        from nn import train
         return train.train(cfg)
     if cfg.mode == "eval":
-        return train.evaluate(cfg)
-    model, _ = train.restore_model(cfg)
+        from nn import evaluate
+        return evaluate.evaluate(cfg)
+    from nn import checkpoints
+    model, _ = checkpoints.restore_model(cfg)
     if cfg.mode == "predict":
         from nn import predict
         return predict.run(cfg, model) or 0
@@ -80,9 +91,8 @@ def main(argv=None):
     except Exception as e:  # an unforeseen failure still ends in one line unless debugging
         if debug:
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"airynet: error: {type(e).__name__}: {message} (rerun with --log_level=DEBUG for details)",
-              file=sys.stderr)
+        print(f"airynet: error: {type(e).__name__}: {config.first_line(e)} (rerun with --log_level=DEBUG for "
+              f"details)", file=sys.stderr)
         return 1
 
 

@@ -9,6 +9,8 @@ import datetime
 import json
 import os
 
+from nn.files import atomic_file
+
 HELIUM_CLASSES = ["spherical_oblate", "round", "elliptical", "prolate", "streak", "bent",
                   "asymmetric", "newton_rings", "double_rings", "layered", "empty"]
 
@@ -27,6 +29,15 @@ class AiryNetError(Exception):
     """A problem with the user's input: airynet.py prints it as one line and exits with status 2."""
 
 
+def first_line(error):
+    """The first line of an exception's message (TensorFlow's without its " [Op:...]" suffix), for
+    one-line error reports; the exception's type name where it has no message."""
+    text = (getattr(error, "message", None) or str(error)).strip()
+    if not text:
+        return type(error).__name__
+    return text.splitlines()[0].split(" [Op:")[0]
+
+
 def str2bool(text):
     """The original's rule: 'true' or '1' (any case) is True, anything else False."""
     return str(text).lower() in ("true", "1")
@@ -41,7 +52,6 @@ def build_parser():
     p = _Parser(prog="airynet.py", allow_abbrev=False,
                 description="Classify single-shot diffraction patterns with ResNet-v2/VGG networks.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
 
     g = p.add_argument_group("network")
     g.add_argument("--resnet_size", type=int, default=18, choices=RESNET_SIZES,
@@ -122,7 +132,8 @@ def build_parser():
                         "scaling). The input layers up to the log activation and the logits stay float32. "
                         "Much slower on CPUs.")
     g.add_argument("--jit_compile", type=str2bool, default=False,
-                   help="Compile the training step with XLA.")
+                   help="Compile the training step with XLA. (The log activation is XLA-fused in every "
+                        "mode, whatever this flag says.)")
 
     g.add_argument("--num_cpu_replicas", type=int, default=1,
                    help="Split the CPU into this many logical devices and mirror training over them "
@@ -201,10 +212,16 @@ def class_names(cfg):
     return [str(i) for i in range(cfg.num_classes)]
 
 
-def new_run_dir(cfg, now=None):
-    """log_dir/{dataset}_{out_dir_name or MMDD_HHMMSS}; refuses a directory that already holds a run."""
+def crop_size(n):
+    """The side of the stored image's centre crop: the largest power of two not above n (259 -> 256,
+    1035 -> 1024), as the original's preprocessing took it."""
+    return 1 << (int(n).bit_length() - 1)
+
+
+def new_run_dir(cfg, now=None, tag=None):
+    """log_dir/{dataset}_{tag or out_dir_name or MMDD_HHMMSS}, refused if it already holds a run."""
     now = now or datetime.datetime.now()
-    tag = cfg.out_dir_name or now.strftime("%m%d_%H%M%S")
+    tag = tag or cfg.out_dir_name or now.strftime("%m%d_%H%M%S")
     run_dir = os.path.join(cfg.log_dir, f"{cfg.dataset}_{tag}")
     if os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
         raise AiryNetError(f"--out_dir_name: {run_dir} already holds a run; resume it with "
@@ -214,10 +231,8 @@ def new_run_dir(cfg, now=None):
 
 def save_config(cfg, run_dir):
     values = {k: v for k, v in vars(cfg).items() if k != "explicit"}
-    tmp = os.path.join(run_dir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(os.path.join(run_dir, CONFIG_FILE)) as f:
         json.dump(values, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(run_dir, CONFIG_FILE))
 
 
 def merge_run_config(cfg, run_dir):

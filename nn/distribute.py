@@ -102,12 +102,9 @@ def make_strategy(cfg):
         if not name and not cfg.load_dir:
             raise AiryNetError("--out_dir_name: multi-worker training needs it (or --load_dir), so that every "
                                "worker agrees on the run directory")
-        run_dir = None if cfg.load_dir else os.path.join(cfg.log_dir, f"{cfg.dataset}_{name}")
         # Checked here, before the workers connect, so that all of them see the same answer (the chief
         # writes the run's config.json right after); only the chief would raise it later.
-        if run_dir and os.path.exists(os.path.join(run_dir, config.CONFIG_FILE)):
-            raise AiryNetError(f"--out_dir_name: {run_dir} already holds a run; resume it with "
-                               f"--load_dir={run_dir} or choose another --out_dir_name")
+        run_dir = None if cfg.load_dir else config.new_run_dir(cfg, tag=name)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         return strategy, Cluster(is_chief, f"{task['type']} {task['index']}", run_dir)
     if cfg.num_cpu_replicas > 1:
@@ -146,9 +143,9 @@ def log_start(cfg, strategy, resume_path, cluster=None):
             else type(strategy).__name__.lstrip("_"))
     log.info("Strategy %s with %d replica(s) in sync%s", name, strategy.num_replicas_in_sync,
              f" ({cluster.task})" if cluster else "")
-    log.info("Data format %s; mixed precision %s; XLA-compiled training step %s",
-             "channels_first (NCHW)" if cfg.use_nchw else "channels_last (NHWC)", cfg.mixed_precision,
-             "on" if cfg.jit_compile else "off")
+    log.info("Data format %s; mixed precision %s; XLA-compiled training step %s (the log activation is "
+             "XLA-fused in every mode)", "channels_first (NCHW)" if cfg.use_nchw else "channels_last (NHWC)",
+             cfg.mixed_precision, "on" if cfg.jit_compile else "off")
     if resume_path:
         log.info("Resuming from %s (step %s)", resume_path, resume_path.rsplit("-", 1)[1])
     else:

@@ -2,7 +2,7 @@
 
 Its `serving_default` signature takes `images`, float32 [N, ori_height, ori_width, ori_depth] raw
 detector images (photon counts, as stored in the data files), applies the same preprocessing as
---mode=predict (nn.data.preprocess: scaling, centre crop, resize, gray/RGB) and returns
+--mode=predict (nn.preprocess.preprocess: scaling, centre crop, resize, gray/RGB) and returns
 `probabilities` float32 [N, num_classes] and `classes` int32 [N, num_classes] (0/1 flags).
 
     loaded = tf.saved_model.load(save_dir)
@@ -18,8 +18,9 @@ import tempfile
 
 import tensorflow as tf
 
-from nn import data, train
-from nn.config import AiryNetError
+from nn import networks
+from nn.config import AiryNetError, first_line
+from nn.preprocess import preprocess
 
 log = logging.getLogger("airynet")
 
@@ -32,9 +33,9 @@ class Serving(tf.Module):
 
         @tf.function(input_signature=[spec])
         def serve(images):
-            logits = model(data.preprocess(images, cfg, training=False), training=False)
-            return {"probabilities": train.probabilities(cfg, logits),
-                    "classes": tf.cast(train.predicted_classes(cfg, logits), tf.int32)}
+            logits = model(preprocess(images, cfg, training=False), training=False)
+            return {"probabilities": networks.probabilities(logits, cfg.single_label),
+                    "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label), tf.int32)}
 
         self.serve = serve
 
@@ -58,7 +59,7 @@ def save(cfg, model):
         tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
         os.replace(tmp, target)  # rename(2) may replace an empty directory
     except (OSError, tf.errors.OpError) as e:  # disk full, permissions (TensorFlow's file system raises OpError)
-        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        reason = getattr(e, "strerror", None) or first_line(e)
         raise AiryNetError(f"--save_dir={cfg.save_dir}: writing the SavedModel failed ({reason})") from e
     finally:
         if os.path.exists(tmp):

@@ -4,6 +4,7 @@ The helpers reproduce the original's layer settings (ORIGINAL.md §3) with Keras
 is a plain functional keras.Model that saves, loads and exports without custom code beyond
 LogActivation.
 """
+import functools
 import math
 
 import keras
@@ -11,8 +12,15 @@ import tensorflow as tf
 
 BN_MOMENTUM = 0.997
 BN_EPSILON = 1e-5
+# The output of the last block group, before pooling: Grad-CAM++'s target in both architectures (its
+# output is channels_first when --use_nchw).
+GRADCAM_LAYER = "last_block_before_fc"
 
 
+# XLA-compiled in every mode, whatever --jit_compile says (the flag's help and the startup log say so):
+# XLA fuses the five element-wise ops into one pass over the stem's feature map, the network's largest
+# (64 x 112 x 112 per image at 224 px), instead of five; prediction and training gain a little (README,
+# Performance), and the function is small enough to compile in well under a second.
 @tf.function(jit_compile=True)
 @tf.custom_gradient
 def _signed_log1p_e(x):
@@ -21,10 +29,6 @@ def _signed_log1p_e(x):
     Only |x| goes into the logarithm, so no branch ever sees a negative argument (the original's
     tf.where over both branches did, and its gradient could turn NaN). The derivative is given
     explicitly because autodiff through sign() and abs() would report 0 at x = 0 instead of e.
-
-    XLA fuses the five element-wise ops into one pass over the stem's feature map, the network's
-    largest (64 x 112 x 112 per image at 224 px): 2x faster than TensorFlow's separate kernels, which
-    makes prediction and training about 3% faster on a CPU.
     """
     e_abs_x = math.e * tf.abs(x)
 
@@ -73,25 +77,29 @@ def kernel_regularizer(cfg):
     return keras.regularizers.L1L2(l1=cfg.l1_regularization_scale, l2=cfg.l2_regularization_scale / 2)
 
 
-def conv(x, filters, kernel_size, strides, cfg, name, dtype=None):
+def conv(x, filters, kernel_size, strides, name, *, data_format, regularizer, dtype=None):
     """Bias-free conv with the original's "fixed padding".
 
     A strided conv pads (k-1)//2 before and the rest after, then runs VALID, so the padding depends
     on the kernel only and not on the input size (SAME would shift it with the parity of the input);
     a stride-1 conv uses SAME.
     """
-    df = data_format(cfg)
     padding = "same"
     if strides > 1:
         padding = "valid"
         before = (kernel_size - 1) // 2
         after = kernel_size - 1 - before
         if after:
-            x = keras.layers.ZeroPadding2D(((before, after), (before, after)), data_format=df,
+            x = keras.layers.ZeroPadding2D(((before, after), (before, after)), data_format=data_format,
                                            name=f"{name}_pad", dtype=dtype)(x)
-    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, data_format=df,
+    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, data_format=data_format,
                                use_bias=False, kernel_initializer=kernel_initializer(),
-                               kernel_regularizer=kernel_regularizer(cfg), name=name, dtype=dtype)(x)
+                               kernel_regularizer=regularizer, name=name, dtype=dtype)(x)
+
+
+def conv_for(cfg):
+    """conv() with the data format and regularizer that the flags set, for the network builders."""
+    return functools.partial(conv, data_format=data_format(cfg), regularizer=kernel_regularizer(cfg))
 
 
 def activation(x, leakiness, name):
@@ -101,11 +109,15 @@ def activation(x, leakiness, name):
     return keras.layers.ReLU(name=name)(x)
 
 
-def batch_norm_act(x, cfg, name):
-    axis = 1 if cfg.use_nchw else -1
+def batch_norm_act(x, name, *, axis, leakiness):
     x = keras.layers.BatchNormalization(axis=axis, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=True,
                                         scale=True, name=f"{name}_bn")(x)
-    return activation(x, cfg.relu_leakiness, f"{name}_act")
+    return activation(x, leakiness, f"{name}_act")
+
+
+def batch_norm_act_for(cfg):
+    """batch_norm_act() on the channel axis and with the leakiness that the flags set."""
+    return functools.partial(batch_norm_act, axis=1 if cfg.use_nchw else -1, leakiness=cfg.relu_leakiness)
 
 
 def stem_dtype(cfg):

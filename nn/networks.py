@@ -1,8 +1,10 @@
-"""build_model(cfg): the network named by --airynet_type, and the layer Grad-CAM looks at."""
+"""build_model(cfg): the network named by --airynet_type; the output head's rules; the layer Grad-CAM
+looks at."""
+import tensorflow as tf
+
 from nn import resnet, vgg
 from nn.config import AiryNetError
-
-GRADCAM_LAYER = "last_block_before_fc"
+from nn.layers import GRADCAM_LAYER  # noqa: F401 (the name the rest of AiryNet looks it up by)
 
 
 def build_model(cfg):
@@ -23,7 +25,16 @@ def build_model(cfg):
     raise AiryNetError(f"--airynet_type={cfg.airynet_type}: must be resnet or vgg")
 
 
-def gradcam_layer_name(cfg):
-    """Both architectures name their Grad-CAM target the same; its output is channels_first when
-    cfg.use_nchw."""
-    return GRADCAM_LAYER
+# ----------------------------------------------------------------------------------------------
+# The output head: multi-label sigmoids (the original's helium data), or a softmax over exclusive
+# classes with --single_label (the original's cifar10 path).
+
+def probabilities(logits, single_label):
+    return tf.nn.softmax(logits) if single_label else tf.sigmoid(logits)
+
+
+def predicted_classes(logits, single_label):
+    """0/1 flags: round(sigmoid) for multi-label data, the arg-max one-hot for single-label data."""
+    if single_label:
+        return tf.one_hot(tf.argmax(logits, axis=-1), tf.shape(logits)[-1])
+    return tf.cast(logits > 0.0, tf.float32)  # round(sigmoid(x)) without the rounding at exactly 0.5

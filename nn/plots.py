@@ -7,19 +7,20 @@
   and `labels` [N, C], `class_names` [C]): per-class confusion counts at the 0.5 threshold
   (confusion.png) and precision-recall curves with their average precision (pr_curves.png).
 
-Every PNG is written to a temporary name and renamed when complete.
+Figures are built with matplotlib's object API (Figure, no pyplot), which needs no global backend
+choice and draws without a display. Every PNG is written to a temporary name and renamed when complete.
 """
 import os
 
 import h5py
 import matplotlib
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-
-from nn.config import AiryNetError  # noqa: E402
+from nn import metrics
+from nn.config import AiryNetError
+from nn.files import atomic_path
 
 MAX_OVERLAYS = 4  # Grad-CAM++ panels per shot
 PANEL_INCHES = 2.3
@@ -28,19 +29,13 @@ DPI = 100
 
 def _save(fig, path, overwrite):
     if os.path.exists(path) and not overwrite:
-        plt.close(fig)
         raise AiryNetError(f"{path}: exists; pass --overwrite=true or choose another output")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial"
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
     except OSError as e:
         raise AiryNetError(f"{path}: writing the picture failed ({e.strerror or e})") from e
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -107,7 +102,7 @@ def _overlay(ax, image, norm, cam):
     h, w = image.shape
     ax.imshow(image, cmap="gray", norm=norm, interpolation="nearest")
     cam = np.clip(cam, 0, 1)
-    rgba = plt.get_cmap("autumn")(cam)
+    rgba = matplotlib.colormaps["autumn"](cam)
     rgba[..., 3] = 0.75 * cam ** 1.5
     # extent stretches a map at the network layer's resolution over the whole image, bilinearly.
     ax.imshow(rgba, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
@@ -120,8 +115,8 @@ def gallery(h5_path, out_png, count=8, start=0, class_name=None, overwrite=False
     shown = [[c for c in o if s["preds"][c]][:MAX_OVERLAYS] or list(o[:1]) for s, o in zip(shots, order)]
     has_maps = shots[0]["maps"] is not None
     cols = 1 + (max(len(s) for s in shown) if has_maps else 0)
-    fig, axes = plt.subplots(len(shots), cols, figsize=(cols * PANEL_INCHES, len(shots) * (PANEL_INCHES + 0.5)),
-                             squeeze=False)
+    fig = Figure(figsize=(cols * PANEL_INCHES, len(shots) * (PANEL_INCHES + 0.5)))
+    axes = fig.subplots(len(shots), cols, squeeze=False)
     for row, (shot, classes) in zip(axes, zip(shots, shown)):
         for ax in row:
             ax.axis("off")
@@ -154,11 +149,9 @@ def read_scores(run_dir):
     return path, probs, labels, names
 
 
-def confusion_counts(probs, labels):
-    """tp, fn, fp, tn per class at the threshold 0.5, as int arrays [C]."""
-    preds = probs >= 0.5
-    return ((preds & labels).sum(0), (~preds & labels).sum(0), (preds & ~labels).sum(0),
-            (~preds & ~labels).sum(0))
+def predictions_at(probs, threshold=0.5):
+    """0/1 predictions [N, C] at `threshold` (the 0.5 of --mode=eval's multi-label rule)."""
+    return probs >= threshold
 
 
 def precision_recall(scores, labels):
@@ -181,7 +174,7 @@ def eval_plots(run_dir, out_dir=None, overwrite=False):
     """confusion.png and pr_curves.png in out_dir (default RUN/eval). Returns their paths."""
     path, probs, labels, names = read_scores(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "eval")
-    tp, fn, fp, tn = confusion_counts(probs, labels)
+    tp, fp, fn, tn = metrics.confusion_counts(labels, predictions_at(probs)).T
     return [_confusion_figure(names, tp, fn, fp, tn, len(probs), path, os.path.join(out_dir, "confusion.png"),
                               overwrite),
             _pr_figure(names, probs, labels, path, os.path.join(out_dir, "pr_curves.png"), overwrite)]
@@ -193,7 +186,8 @@ def _confusion_figure(names, tp, fn, fp, tn, shots, source, out_png, overwrite):
     # classes read alike; good cells (TP, TN) and bad cells (FN, FP) use their own colour maps.
     pos, neg = np.maximum(tp + fn, 1)[:, None], np.maximum(fp + tn, 1)[:, None]
     share = counts / np.concatenate([pos, pos, neg, neg], axis=1)
-    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(names) + 1.6))
+    fig = Figure(figsize=(8.5, 0.42 * len(names) + 1.6))
+    ax = fig.subplots()
     good = np.ma.masked_array(share, mask=np.zeros_like(share, bool) | [[False, True, True, False]])
     bad = np.ma.masked_array(share, mask=np.zeros_like(share, bool) | [[True, False, False, True]])
     ax.imshow(good, cmap="Greens", vmin=0, vmax=1, aspect="auto")
@@ -222,8 +216,9 @@ def _confusion_figure(names, tp, fn, fp, tn, shots, source, out_png, overwrite):
 
 
 def _pr_figure(names, probs, labels, source, out_png, overwrite):
-    fig, ax = plt.subplots(figsize=(10, 6))
-    colours = plt.get_cmap("tab10").colors
+    fig = Figure(figsize=(10, 6))
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab10"].colors
     for c, name in enumerate(names):
         curve = precision_recall(probs[:, c], labels[:, c])
         # Ten distinct colours, then the same colours dashed.
@@ -233,7 +228,7 @@ def _pr_figure(names, probs, labels, source, out_png, overwrite):
             continue
         precision, recall, ap = curve
         ax.step(recall, precision, where="post", lw=1.6, **style, label=f"{name} (AP {ap:.2f})")
-        tp, fn, fp, _ = (x[c] for x in confusion_counts(probs, labels))
+        tp, fp, fn, _ = metrics.confusion_counts(labels[:, c:c + 1], predictions_at(probs[:, c:c + 1]))[0]
         if tp + fp:  # the operating point at the 0.5 threshold
             ax.plot(tp / (tp + fn), tp / (tp + fp), "o", color=style["color"], ms=5)
     ax.set_xlim(0, 1.01)

@@ -1,47 +1,11 @@
 """--mode=predict: classify every predict record once, in order, and stream the results to disk.
 
-Files, under --predict_dir (created when missing), named after --dataset; a sharded run (--num_shards
-> 1, or a SLURM job array) inserts `.shard{i}of{n}` (`helium.shard0of4.h5`), and `merge` (CLI:
-scripts/merge_predictions.py) joins the shards into the files an unsharded run writes. Shard i holds
-records i, i + n, i + 2n, ... of the record stream.
-
-`{dataset}.txt`: the original's header `Bunch_ID:\\tClasses:\\tProbabilities:`, then one line per shot:
-    <bunch ID>\\t[<0/1 flag per class, space-separated>]\\t[<probability per class, 4 decimals>]
-e.g. `1007\\t[0 1 0 0 0 0 0 0 0 0 0]\\t[0.0123 0.9871 0.0002 ...]`; strip the brackets and split on
-spaces to parse.
-
-`{dataset}.h5`, --h5_layout=stacked (default): one row per shot in chunked, gzip-compressed datasets
-(gzip, unlike lzf, is readable by every HDF5 build), grown batch by batch so memory stays flat:
-    bids      int64   [N]             bunch IDs
-    probs     float32 [N, C]          sigmoid of the logits (softmax with --single_label)
-    preds     uint8   [N, C]          0/1 class flags (logit > 0, i.e. round(probs))
-    grad_cam  float16 [N, C, h, w]    Grad-CAM++ maps in [0, 1] at the resolution of the network's
-                                      last conv block (7x7 at 224 px; absent with --gradcam=false).
-                                      They hold all the information: enlarge them bilinearly to the
-                                      image size (attribute `upsample_to`), as tf.image.resize does, or
-                                      let matplotlib's imshow(..., extent=...) stretch them. Stored at
-                                      224x224 they would take 1 MB per shot instead of 1 kB.
-    images    float32 [N, H, W, D]    the images as fed to the network (the gallery of scripts/plot.py
-                                      shows them)
-    labels    float32 [N, C]          only where the predict data has labels
-  plus, for CXI readers: `cxi_version` (160), `entry_1/result_1/score` (soft link to /probs),
-  `entry_1/result_1/headings` (the class names), `entry_1/data_1/data` (soft link to /images).
-  Root attributes: layout="stacked", class_names, and the run's settings.
-
-`{dataset}.h5`, --h5_layout=per_shot (the original's layout; slow at millions of shots): one group
-per shot, in record order (creation order is tracked), named by its bunch ID (a shot whose ID was seen
-before gets `_<record index>` appended); for data with labels (the cxidb variant) named by its record
-index and holding `ground_truth` (the label) and `pred` (the flags) as well. Each group holds `img`
-(the image as fed), `prediction` (uint8 flags), `probability` (float32) and subgroups `0`..`C-1`, each
-with `grad_cam` float32 [H, W] in [0, 1] at the network's input size (omitted with --gradcam=false).
-
-`{dataset}.npy` (only with --save_npy=true): the original's pickled dict
-`shot_00001 -> [bunch_id, flags, probabilities]`. Reading it needs np.load(..., allow_pickle=True),
-which can run code from a file someone else made; the txt and h5 files hold the same content without
-that hazard. The dict is kept in memory until the end of the run (about 200 bytes per shot).
-
-Every file is written under the name `<file>.partial` and renamed when complete, so a crash never
-leaves a file that looks finished; existing files are refused unless --overwrite=true.
+The files (`{dataset}.txt`, `{dataset}.h5` in the stacked or per-shot layout, optionally `{dataset}.npy`)
+are described field by field in README.md, "Outputs". A sharded run (--num_shards > 1, or a SLURM job
+array) inserts `.shard{i}of{n}` into the names, and shard i holds records i, i + n, i + 2n, ...;
+`merge` (CLI: scripts/merge_predictions.py) joins the shards into the files an unsharded run writes.
+Every file is written under its partial name (nn/files.py) and renamed when all are complete, so a crash
+never leaves a file that looks finished; existing files are refused unless --overwrite=true.
 """
 import contextlib
 import logging
@@ -54,8 +18,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import config, data, gradcam, networks, train
-from nn.config import AiryNetError
+from nn import config, data, gradcam, networks
+from nn.config import AiryNetError, first_line
+from nn.files import partial_name
 
 log = logging.getLogger("airynet")
 
@@ -76,12 +41,12 @@ def make_step(cfg, model, maps="layer"):
     spec = tf.TensorSpec([None, cfg.target_height, cfg.target_width, cfg.target_depth], tf.float32)
 
     def outputs(logits):
-        return {"probabilities": train.probabilities(cfg, logits),
-                "classes": tf.cast(train.predicted_classes(cfg, logits), tf.uint8)}
+        return {"probabilities": networks.probabilities(logits, cfg.single_label),
+                "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label), tf.uint8)}
 
     if maps is None:
         return tf.function(lambda images: outputs(model(images, training=False)), input_signature=[spec])
-    act_model = gradcam.activation_model(model, networks.gradcam_layer_name(cfg))
+    act_model = gradcam.activation_model(model, networks.GRADCAM_LAYER)
     channels_first = gradcam.is_channels_first(model)
 
     @tf.function(input_signature=[spec])
@@ -194,14 +159,14 @@ def _naming(path):
     try:
         yield
     except OSError as e:
-        reason = e.strerror or str(e).strip().splitlines()[0]
+        reason = e.strerror or first_line(e)
         raise AiryNetError(f"{path}: writing failed ({reason}); the partial file is removed, files completed "
                            f"before are intact") from e
 
 
 class TxtWriter:
     def __init__(self, path):
-        self.path, self.tmp = path, path + ".partial"
+        self.path, self.tmp = path, partial_name(path)
         self.file = open(self.tmp, "w")
         self.file.write(TXT_HEADER)
 
@@ -222,7 +187,7 @@ class StackedWriter:
     attributes); rows are appended with write({name: array [B, ...]})."""
 
     def __init__(self, path, fields, class_names, attrs):
-        self.path, self.tmp = path, path + ".partial"
+        self.path, self.tmp = path, partial_name(path)
         self.file = h5py.File(self.tmp, "w")
         self.rows = 0
         f = self.file
@@ -255,7 +220,7 @@ class PerShotWriter:
     """The original's layout: one group per shot (see the module docstring)."""
 
     def __init__(self, path, class_names, attrs, shard=(0, 1)):
-        self.path, self.tmp = path, path + ".partial"
+        self.path, self.tmp = path, partial_name(path)
         self.file = h5py.File(self.tmp, "w", track_order=True)
         self.file.attrs.update({"layout": "per_shot", "class_names": class_names, **attrs})
         self.shard = shard
@@ -289,7 +254,7 @@ class NpyWriter:
     """The original's pickled dict (only with --save_npy=true), written at the end."""
 
     def __init__(self, path, shard=(0, 1)):
-        self.path, self.tmp = path, path + ".partial"
+        self.path, self.tmp = path, partial_name(path)
         self.shard = shard
         self.shots = {}
         open(self.tmp, "wb").close()  # fail early if the file cannot be created
@@ -311,12 +276,12 @@ def _attrs(cfg):
     return {"dataset": cfg.dataset, "load_dir": cfg.load_dir, "network": (
         f"resnet{cfg.resnet_size}" if cfg.airynet_type == "resnet" else f"vgg{cfg.vgg_size}"),
         "gradcam": "Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19) of the class logits at layer "
-                   f"{networks.gradcam_layer_name(cfg)}" if cfg.gradcam else "off"}
+                   f"{networks.GRADCAM_LAYER}" if cfg.gradcam else "off"}
 
 
 def map_size(cfg, model):
     """(h, w) of the Grad-CAM++ maps at the target layer's resolution."""
-    shape = model.get_layer(networks.gradcam_layer_name(cfg)).output.shape
+    shape = model.get_layer(networks.GRADCAM_LAYER).output.shape
     return tuple(shape[2:4]) if gradcam.is_channels_first(model) else tuple(shape[1:3])
 
 
@@ -325,7 +290,7 @@ def _fields(cfg, map_shape, has_labels, images):
     fields = {"bids": ("int64", (), {}), "probs": ("float32", (c,), {}), "preds": ("uint8", (c,), {})}
     if map_shape is not None:
         fields["grad_cam"] = ("float16", (c,) + tuple(map_shape), {
-            "layer": networks.gradcam_layer_name(cfg), "upsample_to": [cfg.target_height, cfg.target_width],
+            "layer": networks.GRADCAM_LAYER, "upsample_to": [cfg.target_height, cfg.target_width],
             "upsample_method": "bilinear, half-pixel centres (tf.image.resize)"})
     if images:
         fields["images"] = ("float32", (cfg.target_height, cfg.target_width, cfg.target_depth), {})
@@ -355,7 +320,7 @@ def run(cfg, model, dataset=None):
     start, shots = time.perf_counter(), 0
     with _Outputs([]) as out:
         for kind, path in paths.items():
-            with _naming(path + ".partial"):
+            with _naming(partial_name(path)):
                 if kind == "txt":
                     out.writers.append(TxtWriter(path))
                 elif kind == "npy":
@@ -433,7 +398,7 @@ def merge(predict_dir, dataset_name, num_shards, overwrite=False):
     merge_fns = {"txt": _merge_txt, "h5": _merge_h5, "npy": _merge_npy}
     with _Outputs([]) as out:
         for kind, path in paths.items():
-            with _naming(path + ".partial"):
+            with _naming(partial_name(path)):
                 merge_fns[kind](path, [s[kind] for s in shards], out.writers)
         out.commit()
     log.info("Merged %d shards into %s", num_shards, ", ".join(paths.values()))

@@ -21,22 +21,22 @@ GROUP_FILTERS = (64, 128, 256, 512)
 GROUP_STRIDES = (1, 2, 2, 2)
 
 
-def _block(x, filters, strides, project, bottleneck, cfg, name):
+def _block(x, filters, strides, project, bottleneck, conv, bn_act, name):
     """A basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x filters) block, strided in its 3x3."""
     shortcut = x
-    x = layers.batch_norm_act(x, cfg, f"{name}_pre")
+    x = bn_act(x, f"{name}_pre")
     if project:
-        shortcut = layers.conv(x, 4 * filters if bottleneck else filters, 1, strides, cfg, f"{name}_proj")
+        shortcut = conv(x, 4 * filters if bottleneck else filters, 1, strides, f"{name}_proj")
     if bottleneck:
-        x = layers.conv(x, filters, 1, 1, cfg, f"{name}_conv1")
-        x = layers.batch_norm_act(x, cfg, f"{name}_mid1")
-        x = layers.conv(x, filters, 3, strides, cfg, f"{name}_conv2")
-        x = layers.batch_norm_act(x, cfg, f"{name}_mid2")
-        x = layers.conv(x, 4 * filters, 1, 1, cfg, f"{name}_conv3")
+        x = conv(x, filters, 1, 1, f"{name}_conv1")
+        x = bn_act(x, f"{name}_mid1")
+        x = conv(x, filters, 3, strides, f"{name}_conv2")
+        x = bn_act(x, f"{name}_mid2")
+        x = conv(x, 4 * filters, 1, 1, f"{name}_conv3")
     else:
-        x = layers.conv(x, filters, 3, strides, cfg, f"{name}_conv1")
-        x = layers.batch_norm_act(x, cfg, f"{name}_mid1")
-        x = layers.conv(x, filters, 3, 1, cfg, f"{name}_conv2")
+        x = conv(x, filters, 3, strides, f"{name}_conv1")
+        x = bn_act(x, f"{name}_mid1")
+        x = conv(x, filters, 3, 1, f"{name}_conv2")
     return keras.layers.Add(name=f"{name}_add")([x, shortcut])
 
 
@@ -44,20 +44,22 @@ def build(cfg):
     blocks, bottleneck = SIZES[cfg.resnet_size]
     df = layers.data_format(cfg)
     stem = layers.stem_dtype(cfg)
+    conv, bn_act = layers.conv_for(cfg), layers.batch_norm_act_for(cfg)
     inputs, x = layers.network_input(cfg, stem)
 
-    x = layers.conv(x, 64, 7, 2, cfg, "initial_conv", dtype=stem)
+    x = conv(x, 64, 7, 2, "initial_conv", dtype=stem)
     x = layers.log_activation(x, cfg)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", data_format=df, name="initial_max_pool")(x)
 
     for group, (n_blocks, filters, strides) in enumerate(zip(blocks, GROUP_FILTERS, GROUP_STRIDES), 1):
         for i in range(n_blocks):
             first = i == 0
-            x = _block(x, filters, strides if first else 1, first, bottleneck, cfg, f"group{group}_block{i + 1}")
+            x = _block(x, filters, strides if first else 1, first, bottleneck, conv, bn_act,
+                       f"group{group}_block{i + 1}")
     # The Grad-CAM target: the fourth group's output, before the final BN + activation.
-    x = keras.layers.Identity(name="last_block_before_fc")(x)
+    x = keras.layers.Identity(name=layers.GRADCAM_LAYER)(x)
 
-    x = layers.batch_norm_act(x, cfg, "final")
+    x = bn_act(x, "final")
     # Global average pooling works for any input size; at 224 px the map is 7x7 and this equals the
     # original's 7x7 VALID average pool.
     x = keras.layers.GlobalAveragePooling2D(data_format=df, name="final_avg_pool")(x)

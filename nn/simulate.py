@@ -75,7 +75,7 @@ import functools
 
 import numpy as np
 
-from nn.config import HELIUM_CLASSES
+from nn.config import HELIUM_CLASSES, crop_size
 
 (SPHERICAL_OBLATE, ROUND, ELLIPTICAL, PROLATE, STREAK, BENT,
  ASYMMETRIC, NEWTON_RINGS, DOUBLE_RINGS, LAYERED, EMPTY) = range(len(HELIUM_CLASSES))
@@ -117,7 +117,7 @@ SATURATION = np.iinfo(np.uint16).max
 @functools.lru_cache(maxsize=8)
 def _geometry(size):
     """Per-pixel q vector (3, size, size), |q|^2, detector response and stray-light profile."""
-    crop = 1 << (size.bit_length() - 1)   # the pipeline's centre crop: largest power of two
+    crop = crop_size(size)   # the pipeline's centre crop: largest power of two
     u = (np.arange(size) - size // 2) * (NET_PIXELS / crop)
     x, y = np.meshgrid(u, u)
     dist = np.sqrt(x * x + y * y + DISTANCE ** 2)

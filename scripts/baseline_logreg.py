@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nn.config import HELIUM_CLASSES  # noqa: E402
+from nn.config import HELIUM_CLASSES, crop_size  # noqa: E402
 from nn.simulate import simulate  # noqa: E402
 
 GRID = 32
@@ -28,7 +28,7 @@ GRID = 32
 def features(images):
     """Centre crop to a power of two, log1p, GRIDxGRID block mean: float32 [n, GRID*GRID]."""
     size = images.shape[1]
-    crop = 1 << (size.bit_length() - 1)
+    crop = crop_size(size)
     o = (size - crop) // 2
     x = np.log1p(images[:, o:o + crop, o:o + crop].astype(np.float32))
     f = crop // GRID

@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nn import config, data, simulate  # noqa: E402
+from nn import config, cxi, data, simulate, tfrecord  # noqa: E402
 
 
 def make_cfg(args, *flags):
@@ -46,13 +46,13 @@ def write_data(args, n=SHOTS):
         ids = np.arange(n)
         for d in dirs.values():
             os.makedirs(d, exist_ok=True)
-        data.write_tfrecord(os.path.join(dirs["tfrecord"], "b_train.tfrecord"), images, labels)
-        data.write_cxi_stacked(os.path.join(dirs["stacked"], "b_train.cxi"), images, labels, ids)
-        data.write_cxi_shots(os.path.join(dirs["shots"], "b_train.cxi"), images, labels, ids)
+        tfrecord.write(os.path.join(dirs["tfrecord"], "b_train.tfrecord"), images, labels)
+        cxi.write_cxi_stacked(os.path.join(dirs["stacked"], "b_train.cxi"), images, labels, ids)
+        cxi.write_cxi_shots(os.path.join(dirs["shots"], "b_train.cxi"), images, labels, ids)
     eval_file = os.path.join(dirs["tfrecord"], "b_eval.tfrecord")  # the training loop evaluates too
     if not os.path.exists(eval_file):
         images, labels = simulate.simulate(96, 2, args.size)
-        data.write_tfrecord(eval_file, images, labels)
+        tfrecord.write(eval_file, images, labels)
     return dirs
 
 
@@ -85,7 +85,7 @@ def plain_pipelines(args, dirs):
     TFRecord: parse, crop or pad, resize and flip one record at a time in parallel map calls. HDF5: one
     shot at a time from a Python generator over h5py (in shuffled order), then the same per-shot map."""
     import h5py
-    size, crop = args.size, data.crop_size(args.size)
+    size, crop = args.size, config.crop_size(args.size)
 
     def prepare(image):
         image = tf.image.resize_with_crop_or_pad(tf.cast(image, tf.float32), crop, crop)

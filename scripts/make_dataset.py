@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from nn import config, data, simulate  # noqa: E402
+from nn import config, cxi, data, simulate, tfrecord  # noqa: E402
 
 EXTENSIONS = {"tfrecord": "tfrecord", "cxi_shots": "cxi", "cxi_stacked": "cxi"}
 
@@ -30,11 +30,11 @@ def write_split(out, fmt, mode, first, last, seed, size, per_file):
         ids = np.arange(start, start + count)
         path = os.path.join(out, f"part{part:03d}_{mode}.{EXTENSIONS[fmt]}")
         if fmt == "tfrecord":
-            data.write_tfrecord(path, images, ids.astype(np.int32) if mode == "predict" else labels)
+            tfrecord.write(path, images, ids.astype(np.int32) if mode == "predict" else labels)
         elif fmt == "cxi_shots":
-            data.write_cxi_shots(path, images, labels, ids)
+            cxi.write_cxi_shots(path, images, labels, ids)
         else:
-            data.write_cxi_stacked(path, images, labels, ids)
+            cxi.write_cxi_stacked(path, images, labels, ids)
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from nn import config, data, simulate  # noqa: E402
+from nn import config, cxi, simulate, tfrecord  # noqa: E402
 
 SIZE = 40  # stored size of the test shots: crop to 32, then resize to the target
 
@@ -33,9 +33,9 @@ def tfrecord_dir(tmp_path_factory, shots):
     images, labels = shots
     root = tmp_path_factory.mktemp("tfr")
     os.makedirs(root / "helium")
-    data.write_tfrecord(str(root / "helium" / "shots_train.tfrecord"), images[:16], labels[:16])
-    data.write_tfrecord(str(root / "helium" / "shots_eval.tfrecord"), images[16:], labels[16:])
-    data.write_tfrecord(str(root / "helium" / "shots_predict.tfrecord"), images[16:], 1000 + np.arange(8))
+    tfrecord.write(str(root / "helium" / "shots_train.tfrecord"), images[:16], labels[:16])
+    tfrecord.write(str(root / "helium" / "shots_eval.tfrecord"), images[16:], labels[16:])
+    tfrecord.write(str(root / "helium" / "shots_predict.tfrecord"), images[16:], 1000 + np.arange(8))
     return str(root) + "/"
 
 
@@ -46,8 +46,8 @@ def cxi_dir(tmp_path_factory, shots):
     root = tmp_path_factory.mktemp("cxi")
     os.makedirs(root / "shots")
     for mode, part in (("train", slice(0, 16)), ("eval", slice(16, 24)), ("predict", slice(16, 24))):
-        data.write_cxi_shots(str(root / "shots" / f"run_{mode}.cxi"), images[part], labels[part],
+        cxi.write_cxi_shots(str(root / "shots" / f"run_{mode}.cxi"), images[part], labels[part],
                              500 + np.arange(24)[part])
     os.makedirs(root / "stacked")
-    data.write_cxi_stacked(str(root / "stacked" / "all.cxi"), images, labels, 900 + np.arange(24))
+    cxi.write_cxi_stacked(str(root / "stacked" / "all.cxi"), images, labels, 900 + np.arange(24))
     return str(root) + "/"

@@ -19,7 +19,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nn import config, data, simulate  # noqa: E402
+from nn import config, cxi, data, simulate, tfrecord  # noqa: E402
 
 SIZE = 24
 FLAGS = [f"--ori_width={SIZE}", f"--ori_height={SIZE}", "--target_width=16", "--target_height=16",
@@ -68,7 +68,7 @@ def wrong_type_files(directory, images, labels):
                 for image, label in zip(images, labels):
                     w.write(tf.train.Example(features=tf.train.Features(feature={
                         "image/encoded": _bytes(image.astype(image_dtype).tobytes()),
-                        data.LABEL_KEY: _bytes(label.astype(label_dtype).tobytes())})).SerializeToString())
+                        tfrecord.LABEL_KEY: _bytes(label.astype(label_dtype).tobytes())})).SerializeToString())
         return write
 
     yield "tfrecord_uint8_images", "tfrecord", raw_tfrecord(np.uint8, np.int16)
@@ -80,15 +80,15 @@ def wrong_type_files(directory, images, labels):
             f["entry_1/data_1/data"] = images[0]
 
     def cxi_string_labels(p):
-        data.write_cxi_stacked(p, images, None, None)
+        cxi.write_cxi_stacked(p, images, None, None)
         with h5py.File(p, "a") as f:
             f["entry_1/data_1/labels"] = np.array([b"round"] * len(images))
 
     def cxi_short_labels(p):
-        data.write_cxi_stacked(p, images, labels[:, :5], None)
+        cxi.write_cxi_stacked(p, images, labels[:, :5], None)
 
     def cxi_complex_images(p):
-        data.write_cxi_stacked(p, images.astype(np.complex64), labels, None)
+        cxi.write_cxi_stacked(p, images.astype(np.complex64), labels, None)
 
     yield "cxi_2d_data", "cxi", cxi_2d
     yield "cxi_string_labels", "cxi", cxi_string_labels
@@ -103,9 +103,9 @@ def main(workdir, seed, cases):
     os.makedirs(sources, exist_ok=True)
     originals = {"tfrecord": os.path.join(sources, "x_eval.tfrecord"), "cxi": os.path.join(sources, "x_eval.cxi"),
                  "shots": os.path.join(sources, "y_eval.cxi")}
-    data.write_tfrecord(originals["tfrecord"], images, labels)
-    data.write_cxi_stacked(originals["cxi"], images, labels, np.arange(6))
-    data.write_cxi_shots(originals["shots"], images, labels, np.arange(6))
+    tfrecord.write(originals["tfrecord"], images, labels)
+    cxi.write_cxi_stacked(originals["cxi"], images, labels, np.arange(6))
+    cxi.write_cxi_shots(originals["shots"], images, labels, np.arange(6))
     for case in range(cases):
         kind = list(originals)[case % 3]
         directory = os.path.join(workdir, f"case{case}")

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import SIZE, make_cfg
-from nn import data
+from nn import config, cxi, data, preprocess, tfrecord
 from nn.config import AiryNetError
 
 
@@ -27,7 +27,7 @@ def collect(ds):
 
 
 def test_crop_size():
-    assert [data.crop_size(n) for n in (259, 1035, 256, 40, 7)] == [256, 1024, 256, 32, 4]
+    assert [config.crop_size(n) for n in (259, 1035, 256, 40, 7)] == [256, 1024, 256, 32, 4]
 
 
 def test_tfrecord_eval_gives_cropped_counts_and_labels(tfrecord_dir, shots):
@@ -47,7 +47,7 @@ def test_tfrecord_predict_reads_bunch_ids_in_order(tfrecord_dir):
 def test_cxidb_predict_uses_one_hot_argmax(tmp_path, shots):
     os.makedirs(tmp_path / "cxidb")
     one_hot = np.eye(11, dtype=np.int16)[[3, 0, 7]]
-    data.write_tfrecord(str(tmp_path / "cxidb" / "a_predict.tfrecord"), shots[0][:3], one_hot)
+    tfrecord.write(str(tmp_path / "cxidb" / "a_predict.tfrecord"), shots[0][:3], one_hot)
     cfg = make_cfg(f"--data_dir={tmp_path}/", "--dataset=cxidb")
     got = collect(data.dataset(cfg, "predict"))
     assert got["bunch_id"].tolist() == [3, 0, 7]
@@ -72,30 +72,30 @@ def test_cxi_per_shot_layout(cxi_dir, shots):
 def test_cxi_per_shot_reader_tolerates_layout_variants_and_names_a_bad_shot(tmp_path, shots):
     images, labels = shots[0][:4], shots[1][:4]
     path = str(tmp_path / "a.cxi")
-    data.write_cxi_shots(path, images, labels, [70, 71, 72, 73])
+    cxi.write_cxi_shots(path, images, labels, [70, 71, 72, 73])
     with h5py.File(path, "a") as h5:
         del h5["entry_2/experimental_identifier"]  # no ID: the shot's index stands in
         del h5["entry_3/instrument_1/detector_1/data"]
         h5["entry_3/instrument_1/detector_1/data"] = images[2][None]  # stored as 1 x H x W
-    reader = data.CxiFile(path, make_cfg(), needs_labels=True)
-    got_images, got_labels, ids = reader.read(0, 4)
+    with cxi.open_cxi(path, make_cfg(), needs_labels=True) as reader:
+        got_images, got_labels, ids = reader.read(0, 4)
     np.testing.assert_array_equal(got_images, images.astype(np.float32))
     np.testing.assert_array_equal(got_labels, labels)
     assert ids.tolist() == [70, 1, 72, 73]
-    reader.h5.close()
+    cxi.close_all()
     with h5py.File(path, "a") as h5:
         del h5["entry_4/instrument_1/detector_1/data"]
         h5["entry_4/instrument_1/detector_1/data"] = images[3][:30]
     with pytest.raises(OSError, match=r"a\.cxi: shots 0-3: .*entry_4/instrument_1/detector_1/data has 1200 values, "
                                       r"expected 1600"):
-        data.CxiFile(path, make_cfg(), needs_labels=True).read(0, 4)
+        cxi.open_cxi(path, make_cfg(), needs_labels=True).read(0, 4)
 
 
 def test_cxi_per_shot_reads_every_storage_as_hdf5_does(tmp_path, shots, caplog):
     """Contiguous datasets are read by offset, the others by HDF5: the values must not depend on which."""
     images, labels = shots[0][:6], shots[1][:6]
     path = str(tmp_path / "a.cxi")
-    data.write_cxi_shots(path, images, labels, [10, 11, 12, 13, 14, 15])
+    cxi.write_cxi_shots(path, images, labels, [10, 11, 12, 13, 14, 15])
     floats = images[3].astype(">f4")  # big-endian floats, one NaN
     floats[5, 6] = np.nan
     with h5py.File(tmp_path / "other.h5", "w") as other:
@@ -110,7 +110,7 @@ def test_cxi_per_shot_reads_every_storage_as_hdf5_does(tmp_path, shots, caplog):
         h5["entry_5/instrument_1/detector_1/data"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "image")
         del h5["entry_6/note_1/data"]
         h5.create_dataset("entry_6/note_1/data", data=labels[5].astype(np.float64), compression="gzip")
-    reader = data.CxiFile(path, make_cfg(), needs_labels=True)
+    reader = cxi.open_cxi(path, make_cfg(), needs_labels=True)
     offsets = [reader._place(f"entry_{n}/instrument_1/detector_1/data")[1] for n in range(1, 7)]
     assert [offset is not None for offset in offsets] == [True, False, False, True, False, True]
     expected = images.astype(np.float32)
@@ -146,7 +146,7 @@ def test_stacked_mask_bits_and_nan_pixels_become_zero(tmp_path, shots, caplog):
     mask[18, 18] = 0x8          # dead pixel: masked
     mask[19, 19] = 0x2          # a bit that does not mean invalid: kept
     os.makedirs(tmp_path / "d")
-    data.write_cxi_stacked(str(tmp_path / "d" / "x_predict.cxi"), images, None, None, mask)
+    cxi.write_cxi_stacked(str(tmp_path / "d" / "x_predict.cxi"), images, None, None, mask)
     cfg = make_cfg(f"--data_dir={tmp_path}/", "--dataset=d")
     with caplog.at_level(logging.WARNING, logger="airynet"):
         got = collect(data.dataset(cfg, "predict"))
@@ -188,7 +188,7 @@ def exact_bilinear(images, height, width):
                                            ((40, 48, 3), (32, 40))])  # RGB
 def test_resize_is_bilinear_with_half_pixel_centres(shape, target):
     raw = np.random.default_rng(3).integers(0, 65535, (2, *shape)).astype(np.uint16)
-    got = data.resize(tf.constant(raw), *target)
+    got = preprocess.resize(tf.constant(raw), *target)
     assert got.dtype == tf.float32 and got.shape == (2, *target, shape[2])
     # The products use exact float64 weights; tf.image.resize computes its sample positions in float32,
     # which moves its values by up to about 1e-4 of the range on random pixels.
@@ -199,7 +199,7 @@ def test_resize_is_bilinear_with_half_pixel_centres(shape, target):
 def test_the_default_resize_is_exact_to_float32_rounding():
     raw = np.random.default_rng(5).integers(0, 65535, (3, 256, 256, 1)).astype(np.uint16)
     expected = exact_bilinear(raw.astype(np.float64), 224, 224)
-    np.testing.assert_allclose(data.resize(tf.constant(raw), 224, 224).numpy(), expected, rtol=1e-6, atol=0.02)
+    np.testing.assert_allclose(preprocess.resize(tf.constant(raw), 224, 224).numpy(), expected, rtol=1e-6, atol=0.02)
     assert np.abs(tf.image.resize(raw.astype(np.float32), (224, 224)).numpy() - expected).max() > 0.5
 
 
@@ -208,17 +208,17 @@ def test_preprocess_crops_the_centre_then_resizes(stored, target):
     cfg = make_cfg(f"--ori_height={stored[0]}", f"--ori_width={stored[1]}", f"--target_height={target[0]}",
                    f"--target_width={target[1]}", "--use_log_act=false")
     raw = np.random.default_rng(3).integers(0, 65535, (2, *stored, 1)).astype(np.uint16)
-    crop = [data.crop_size(n) for n in stored]
+    crop = [config.crop_size(n) for n in stored]
     expected = exact_bilinear(tf.image.resize_with_crop_or_pad(raw, *crop).numpy().astype(np.float64), *target)
-    np.testing.assert_allclose(data.preprocess(raw, cfg).numpy(), expected / 65535.0, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(preprocess.preprocess(raw, cfg).numpy(), expected / 65535.0, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_random_flips_flip_each_image_its_own_way(depth):
     images = np.random.default_rng(4).random((64, 6, 5, depth)).astype(np.float32)
     seed = tf.constant([7, 8], tf.int64)
-    got = data.random_flips(tf.constant(images), seed).numpy()
-    np.testing.assert_array_equal(got, data.random_flips(tf.constant(images), seed).numpy())
+    got = preprocess.random_flips(tf.constant(images), seed).numpy()
+    np.testing.assert_array_equal(got, preprocess.random_flips(tf.constant(images), seed).numpy())
     kinds = []
     for image, out in zip(images, got):
         variants = [image, image[:, ::-1], image[::-1], image[::-1, ::-1]]
@@ -286,7 +286,7 @@ def test_zero_byte_tfrecord(tmp_path):
 def test_truncated_tfrecord_names_file_and_record(tmp_path, shots):
     os.makedirs(tmp_path / "t")
     path = tmp_path / "t" / "a_train.tfrecord"
-    data.write_tfrecord(str(path), shots[0][:6], shots[1][:6])
+    tfrecord.write(str(path), shots[0][:6], shots[1][:6])
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) - 700])  # cuts into the last record
     message = error_of(make_cfg(f"--data_dir={tmp_path}/", "--dataset=t"), read=True)
@@ -305,7 +305,7 @@ def test_image_of_wrong_size(tfrecord_dir):
 
 def test_cxi_without_labels_cannot_train(tmp_path, shots):
     os.makedirs(tmp_path / "u")
-    data.write_cxi_stacked(str(tmp_path / "u" / "x_train.cxi"), shots[0][:4])
+    cxi.write_cxi_stacked(str(tmp_path / "u" / "x_train.cxi"), shots[0][:4])
     message = error_of(make_cfg(f"--data_dir={tmp_path}/", "--dataset=u"))
     assert "x_train.cxi: no labels" in message
 

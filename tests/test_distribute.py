@@ -24,7 +24,7 @@ import tensorflow as tf
 
 import airynet
 from conftest import make_cfg
-from nn import distribute, train
+from nn import checkpoints, distribute
 from nn.config import AiryNetError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,5 +314,5 @@ def test_mixed_precision_and_xla_train_and_resume(tfrecord_dir, tmp_path, caplog
     assert tf.train.latest_checkpoint(run_dir).endswith("model.ckpt-4")
     # ...and a float32 model loads it.
     keras.mixed_precision.set_global_policy("float32")
-    _, step = train.restore_model(make_cfg(f"--load_dir={run_dir}", "--mode=eval", "--use_nchw=false"))
+    _, step = checkpoints.restore_model(make_cfg(f"--load_dir={run_dir}", "--mode=eval", "--use_nchw=false"))
     assert step == 4

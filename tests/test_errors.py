@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import airynet
-from nn import data
+from nn import cxi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--ori_width=40", "--ori_height=40", "--target_width=32", "--target_height=32", "--batch_size=4",
@@ -98,7 +98,7 @@ def test_images_of_the_wrong_size(tfrecord_dir, tmp_path, capsys):
 
 def test_cxi_without_labels_for_training(tmp_path, shots, capsys):
     os.makedirs(tmp_path / "nolabels")
-    data.write_cxi_stacked(str(tmp_path / "nolabels" / "run_train.cxi"), shots[0][:8])
+    cxi.write_cxi_stacked(str(tmp_path / "nolabels" / "run_train.cxi"), shots[0][:8])
     err = fails([f"--data_dir={tmp_path}/", "--dataset=nolabels", f"--log_dir={tmp_path}/logs"] + SMALL, capsys,
                 tmp_path / "nolabels")
     assert "run_train.cxi: no labels" in err
@@ -142,8 +142,8 @@ def test_nan_pixels_are_masked_and_never_reach_the_loss(tmp_path, shots, caplog)
     images[3, 10:12, 10:12] = np.nan
     images[5, 0, 0] = np.inf
     os.makedirs(tmp_path / "nan")
-    data.write_cxi_stacked(str(tmp_path / "nan" / "x_train.cxi"), images, shots[1][:16])
-    data.write_cxi_stacked(str(tmp_path / "nan" / "x_eval.cxi"), images, shots[1][:16])
+    cxi.write_cxi_stacked(str(tmp_path / "nan" / "x_train.cxi"), images, shots[1][:16])
+    cxi.write_cxi_stacked(str(tmp_path / "nan" / "x_eval.cxi"), images, shots[1][:16])
     assert airynet.main([f"--data_dir={tmp_path}/", "--dataset=nan", f"--log_dir={tmp_path}/logs",
                          "--log_step=1"] + SMALL) == 0
     assert "x_train.cxi: shot 3" in caplog.text and "x_train.cxi: shot 5" in caplog.text

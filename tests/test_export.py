@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import SIZE, make_cfg
-from nn import data, export, networks, predict
+from nn import export, networks, predict, preprocess
 from nn.config import AiryNetError
 
 
@@ -20,7 +20,7 @@ def test_saved_model_matches_the_network_on_preprocessed_images(tmp_path, flags)
     assert os.listdir(tmp_path) == ["model"]  # no temporary directory left beside it
     serve = tf.saved_model.load(str(tmp_path / "model")).signatures["serving_default"]
     out = serve(images=tf.constant(raw))
-    expected = tf.sigmoid(model(data.preprocess(raw, cfg, training=False), training=False)).numpy()
+    expected = tf.sigmoid(model(preprocess.preprocess(raw, cfg, training=False), training=False)).numpy()
     np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
     np.testing.assert_array_equal(out["classes"].numpy(), (expected > 0.5).astype(np.int32))
     assert serve.structured_input_signature[1]["images"].shape.as_list() == [None, SIZE, SIZE, 1]

@@ -128,7 +128,7 @@ def test_real_networks(arch, size):
                              "--num_classes=11", "--use_nchw=true"])
     keras.utils.set_random_seed(0)
     model = networks.build_model(cfg)
-    layer = networks.gradcam_layer_name(cfg)
+    layer = networks.GRADCAM_LAYER
     images = np.random.default_rng(4).gamma(0.5, 50.0, (2, size, size, 1)).astype(np.float32)
     maps = gradcam.gradcam_plus_plus(model, images, layer)
     # ResNet: 64 px / stride 32 = 2; VGG: 32 px / 4 pools before the target = 2.

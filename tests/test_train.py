@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import airynet
 from conftest import make_cfg
-from nn import train
+from nn import metrics, train
 
 TINY = ["--dataset=helium", "--target_width=32", "--target_height=32", "--ori_width=40", "--ori_height=40",
         "--batch_size=4", "--num_worker=2", "--log_step=1", "--dataset_size=16"]
@@ -53,7 +53,7 @@ def test_metrics_against_hand_computed_values():
     counts = np.array([[3, 1, 1, 5],    # class a: tp fp fn tn
                        [0, 0, 2, 8],    # class b: never predicted
                        [0, 0, 0, 10]])  # class c: absent and never predicted -> no F1
-    m = train.metrics_from_counts(counts, ["a", "b", "c"])
+    m = metrics.metrics_from_counts(counts, ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(26 / 30)
     assert m["mean_per_class_accuracy"] == pytest.approx((0.8 + 0.8 + 1.0) / 3)
     assert m["precision"] == pytest.approx(3 / 4) and m["recall"] == pytest.approx(3 / 6)
@@ -65,10 +65,12 @@ def test_metrics_against_hand_computed_values():
     assert [c["support"] for c in m["per_class"]] == [4, 2, 0]
 
 
-def test_confusion_counts_metric():
-    counts = train.ConfusionCounts(2)
-    counts.update_state(tf.constant([[1.0, 0.0], [1.0, 1.0]]), tf.constant([[1.0, 1.0], [0.0, 1.0]]))
-    np.testing.assert_array_equal(counts.result().numpy(), [[1, 0, 1, 0], [1, 1, 0, 0]])
+def test_confusion_counts_in_numpy_and_in_the_graph_agree():
+    labels, predictions = [[1.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [0.0, 1.0]]
+    expected = [[1, 0, 1, 0], [1, 1, 0, 0]]  # (tp, fp, fn, tn) per class
+    np.testing.assert_array_equal(metrics.confusion_counts(np.array(labels), np.array(predictions)), expected)
+    np.testing.assert_array_equal(train.confusion_counts(tf.constant(labels), tf.constant(predictions)).numpy(),
+                                  expected)
 
 
 def scalars(run_dir, tag):

@@ -1,0 +1,53 @@
+"""--mode=eval: every eval record once (or --eval_steps batches) through the restored network; writes
+RUN/eval/metrics.json and RUN/eval/scores.npz and prints a per-class table."""
+import json
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from nn import checkpoints, config, data, metrics, networks
+from nn.config import AiryNetError
+from nn.files import atomic_file
+
+log = logging.getLogger("airynet")
+
+
+def evaluate(cfg):
+    model, step = checkpoints.restore_model(cfg)
+    ds = data.dataset(cfg, "eval", one_pass=cfg.eval_steps is None)
+    if cfg.eval_steps:
+        ds = ds.take(cfg.eval_steps)
+
+    @tf.function
+    def forward(images):
+        logits = model(images, training=False)
+        return (networks.probabilities(logits, cfg.single_label),
+                networks.predicted_classes(logits, cfg.single_label))
+
+    counts, scores, truths = 0, [], []
+    try:
+        for images, labels in tqdm(ds, desc="eval", unit="batch", dynamic_ncols=True):
+            probs, classes = forward(images)
+            counts += metrics.confusion_counts(labels.numpy(), classes.numpy())
+            scores.append(probs.numpy())
+            truths.append(labels.numpy())
+    except data.READ_ERRORS as e:
+        raise data.describe_failure(cfg, "eval", e) from e
+    if not scores:
+        raise AiryNetError(f"{data.dataset_dir(cfg)}: the eval data holds no shots")
+
+    names = config.class_names(cfg)
+    result = {"step": step, "shots": int(sum(len(s) for s in scores)),
+              **metrics.metrics_from_counts(counts, names)}
+    out_dir = os.path.join(cfg.load_dir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_file(os.path.join(out_dir, "metrics.json")) as f:
+        json.dump(result, f, indent=2)
+    with atomic_file(os.path.join(out_dir, "scores.npz"), "wb") as f:
+        np.savez(f, probabilities=np.concatenate(scores), labels=np.concatenate(truths), class_names=np.array(names))
+    log.info("Eval of step %d over %d shots:\n%s", step, result["shots"], metrics.format_metrics(result))
+    log.info("Wrote %s and scores.npz", os.path.join(out_dir, "metrics.json"))
+    return 0

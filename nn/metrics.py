@@ -1,0 +1,61 @@
+"""The metrics arithmetic: per-class confusion counts and everything reported from them.
+
+Counts are [num_classes, 4] arrays of (tp, fp, fn, tn), from numpy arrays by `confusion_counts` (and in
+the training graph by nn.train's graph twin of it); the training log, --mode=eval and the plots all turn
+them into numbers with `metrics_from_counts`. No TensorFlow here: the plots import this module.
+"""
+import math
+
+import numpy as np
+
+
+def confusion_counts(labels, predictions):
+    """Per-class (tp, fp, fn, tn) [C, 4] from 0/1 labels and predictions [N, C] (numpy)."""
+    labels, predictions = np.asarray(labels) > 0.5, np.asarray(predictions) > 0.5
+    return np.stack([(predictions & labels).sum(0), (predictions & ~labels).sum(0),
+                     (~predictions & labels).sum(0), (~predictions & ~labels).sum(0)], axis=1)
+
+
+def _ratio(numerator, denominator):
+    return float(numerator / denominator) if denominator else 0.0
+
+
+def metrics_from_counts(counts, names):
+    """All reported metrics from per-class (tp, fp, fn, tn) counts."""
+    counts = np.asarray(counts, np.float64)
+    tp, fp, fn, tn = counts.T
+    TP, FP, FN, TN = counts.sum(axis=0)
+    denominator = math.sqrt((TP + FP) * (TP + FN) * (TN + FP) * (TN + FN))
+    per_class, f1s = [], []
+    for i, name in enumerate(names):
+        defined = tp[i] + fp[i] + fn[i] > 0  # a class never present and never predicted has no F1
+        f1 = _ratio(2 * tp[i], 2 * tp[i] + fp[i] + fn[i]) if defined else None
+        if f1 is not None:
+            f1s.append(f1)
+        per_class.append({"name": name, "precision": _ratio(tp[i], tp[i] + fp[i]),
+                          "recall": _ratio(tp[i], tp[i] + fn[i]), "f1": f1, "support": int(tp[i] + fn[i]),
+                          "accuracy": _ratio(tp[i] + tn[i], counts[i].sum())})
+    return {
+        "accuracy": _ratio(TP + TN, counts.sum()),
+        "mean_per_class_accuracy": float(np.mean([c["accuracy"] for c in per_class])),
+        "precision": _ratio(TP, TP + FP),
+        "recall": _ratio(TP, TP + FN),
+        "true_positives": int(TP), "false_positives": int(FP), "false_negatives": int(FN),
+        "true_negatives": int(TN),
+        "mcc": float((TP * TN - FP * FN) / denominator) if denominator else 0.0,
+        "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+        "micro_f1": _ratio(2 * TP, 2 * TP + FP + FN),
+        "per_class": per_class,
+    }
+
+
+def format_metrics(m):
+    lines = [f"accuracy {m['accuracy']:.4f}  mean per-class accuracy {m['mean_per_class_accuracy']:.4f}  "
+             f"precision {m['precision']:.4f}  recall {m['recall']:.4f}  MCC {m['mcc']:.4f}  "
+             f"macro-F1 {m['macro_f1']:.4f}  micro-F1 {m['micro_f1']:.4f}  "
+             f"TP {m['true_positives']} FP {m['false_positives']} FN {m['false_negatives']}",
+             f"{'class':<18}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}"]
+    for c in m["per_class"]:
+        f1 = "n/a" if c["f1"] is None else f"{c['f1']:.4f}"
+        lines.append(f"{c['name']:<18}{c['precision']:>10.4f}{c['recall']:>10.4f}{f1:>10}{c['support']:>10}")
+    return "\n".join(lines)
