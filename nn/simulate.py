@@ -128,14 +128,14 @@ def _geometry(rng, size, s):
     return Geometry(q, -2 * q[2], x, y, np.sqrt(r2), cos * cos * cos, distance, float(2 * np.sin(edge / 2)), pixel)
 
 
-def _newton_kdz(rng, g):
-    """Pair distance along the beam (k d_z) for newton_rings fringes cos(q_z k d_z), log-uniform
+def newton_kdz_range(g):
+    """Bounds of the pair distance along the beam (k d_z) of newton_rings fringes cos(q_z k d_z):
     from 1.5 dark fringes inside the crop to a fringe period of 2.5 stored pixels at its edge."""
     edge = NET_PIXELS / 2
     qz_edge = g.distance / np.hypot(edge, g.distance) - 1
     slope = g.distance * edge / np.hypot(edge, g.distance) ** 3   # |d q_z / d r| at the edge, per net px
     finest = 2 * np.pi / (slope * 2.5 * g.pixel)
-    return _log_uniform(rng, (3 * np.pi / abs(qz_edge), max(finest, 6 * np.pi / abs(qz_edge))))
+    return 3 * np.pi / abs(qz_edge), max(finest, 6 * np.pi / abs(qz_edge))
 
 
 def _droplet(rng, labels, g, radius):
@@ -178,7 +178,7 @@ def _hit(rng, labels, g, s):
             amp += strength * jet(g.q, g.q2, m, length, width)
     intensity = amp * amp
     if labels[NEWTON_RINGS] or labels[ASYMMETRIC]:
-        kdz = _newton_kdz(rng, g) if labels[NEWTON_RINGS] else rng.uniform(80.0, 160.0)
+        kdz = _log_uniform(rng, newton_kdz_range(g)) if labels[NEWTON_RINGS] else rng.uniform(80.0, 160.0)
         offset = rng.uniform(0.0, 0.7) if labels[NEWTON_RINGS] else rng.uniform(10.0, 24.0)
         d_perp = kdz * offset / g.distance   # fringe circles centred `offset` net px off the beam
         phi = rng.uniform(0, 2 * np.pi)
