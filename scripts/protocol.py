@@ -71,8 +71,11 @@ def train_and_eval(args, arm, flags, seed, log_path):
     runs = os.path.join(args.out, "runs")
     run_dir = os.path.join(runs, f"train_s{seed}_{arm}_s{seed}")
     if not os.path.exists(os.path.join(run_dir, f"model.ckpt-{args.steps}.index")):
+        # A run stopped part-way (SIGTERM saves a checkpoint) is resumed, not started again.
+        where = ([f"--load_dir={run_dir}"] if os.path.isdir(run_dir)
+                 else [f"--log_dir={runs}", f"--out_dir_name={arm}_s{seed}"])
         run([sys.executable, "airynet.py", "--mode=train", f"--data_dir={data_dir}", f"--dataset=train_s{seed}",
-             f"--log_dir={runs}", f"--out_dir_name={arm}_s{seed}", f"--random_seed={seed}",
+             *where, f"--random_seed={seed}",
              f"--dataset_size={args.train_shots}", f"--train_steps={args.steps}", f"--steps_per_eval={args.steps}",
              "--eval_steps=2", f"--batch_size={args.batch}", f"--num_worker={args.num_worker}"]
             + size + flags, log_path)
