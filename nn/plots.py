@@ -240,3 +240,39 @@ def _pr_figure(names, probs, labels, source, out_png, overwrite):
     ax.set_title(f"Precision-recall per class (dots: threshold 0.5)\n{source}", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png, overwrite)
+
+
+# ----------------------------------------------------------------------------------------------
+# Simulated shots of every class
+
+def pick_class_examples(labels, per_class):
+    """For each class, the indices of up to `per_class` shots that carry it, those with the fewest
+    other labels first, so that each row shows what distinguishes its class."""
+    counts = labels.sum(1)
+    return [[int(i) for i in np.flatnonzero(labels[:, c])[np.argsort(counts[labels[:, c] > 0], kind="stable")]]
+            [:per_class] for c in range(labels.shape[1])]
+
+
+def class_gallery(out_png, size=259, seed=0, per_class=5, version=None, settings=None, overwrite=False):
+    """One row per class of simulated shots (nn/simulate.py) at the stored size, on a log scale,
+    titled with all their labels. Returns out_png."""
+    from nn import simulate   # numpy only; imported here so that the other pictures need none of it
+    from nn.config import HELIUM_CLASSES
+    _, labels = simulate.simulate(40 * per_class * 8, seed, 8, version=version, settings=settings)
+    rows = pick_class_examples(labels, per_class)
+    fig = Figure(figsize=(per_class * PANEL_INCHES, len(rows) * (PANEL_INCHES + 0.3)))
+    axes = fig.subplots(len(rows), per_class, squeeze=False)
+    for row, (c, picks) in zip(axes, enumerate(rows)):
+        for ax in row:
+            ax.axis("off")
+        for ax, i in zip(row, picks):
+            image, label = simulate.simulate(1, seed, size, start=i, version=version, settings=settings)
+            ax.imshow(image[0], cmap="magma", norm=_log_norm(image[0]), interpolation="nearest")
+            others = [HELIUM_CLASSES[k] for k in np.flatnonzero(label[0]) if k != c]
+            ax.set_title(f"{HELIUM_CLASSES[c]}\n{', '.join(others) or '-'} (shot {i})", fontsize=7)
+    preset = next((name for name, value in simulate.PRESETS.items() if value == settings), "custom")
+    which = f"version {version or simulate.VERSION}" + ("" if settings is None else f", {preset} settings")
+    fig.suptitle(f"Simulated shots of every class, {size}x{size} px, log scale (nn/simulate.py, {which}, "
+                 f"seed {seed})", fontsize=9, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    return _save(fig, out_png, overwrite)

@@ -1,202 +1,145 @@
 """Physics simulator of single-shot helium-nanodroplet diffraction, with ground-truth labels.
 
-Numpy only. Each shot is the far-field intensity of one hit (or of no hit) in the first Born
-approximation, recorded on a flat detector in wide-angle geometry, with Poisson photon noise,
-a central beam-stop hole and a cross-shaped gap between four detector modules (zero counts).
-Shot i of set `seed` is drawn from np.random.default_rng([seed, i]) alone.
+Numpy only. `simulate(n, seed, size)` returns detector images in ADU (uint16) and the 11 label
+flags of the public data set. Shot i of set `seed` is drawn from np.random.default_rng([seed, i])
+alone, so it does not depend on n or on where a chunk starts, and its labels are the same in
+every version.
 
-Geometry
---------
-Everything is defined relative to the central power-of-two crop that the input pipeline takes
-(259 -> 256): the crop's half width is 32 "network pixels" (pixels of a 64x64 network input)
-and sees a scattering angle of 30 degrees. A pattern stored at 64, 128 or 259 pixels is the
-same physics, sampled more or less finely. Sphere ring periods are 3.6-12 network pixels and
-streaks 2-3 pixels wide, so the class-defining features survive the resize to 64x64.
-The momentum transfer of a pixel is q = k (s - z) (s: unit vector to the pixel, z: the beam),
-in units of the wave number k. Its component q_z along the beam grows like |q|^2; this
-Ewald-sphere curvature makes the "bent", "newton_rings" and "asymmetric" patterns.
+Versions (`version=`, default VERSION):
+- 1: the first release's shots, bit for bit (nn/simulate_v1.py, frozen): a fixed detector
+  distance, droplet radii 15-48/k, 1-15 photons per pixel at the crop edge, photon counts with no
+  detector model, a fixed beam stop and cross of module gaps.
+- 2: the same droplets and classes (amplitudes, label hierarchy and shares of nn/simulate_v1.py,
+  whose docstring explains each class's physics), seen through a detector and beam that change
+  from shot to shot, so that a classifier cannot learn one instrument's quirks:
 
-Objects (Born approximation: amplitude = Fourier transform of the density)
---------------------------------------------------------------------------
-- Sphere of radius R: A = V 3 (sin x - x cos x) / x^3 with x = |q| R -> rings of period
-  ~pi/R under an envelope falling as |q|^-4.
-- Spheroid with semi-axes a, a, c and symmetry axis n: the sphere amplitude with
-  x = sqrt(a^2 |q|^2 + (c^2 - a^2) (q.n)^2), i.e. an effective radius along q.
-- Core-shell: shell amplitude plus (core - shell) contrast times the core amplitude.
-- Droplet pair: A1 + A2 exp(i q.d); identical droplets give I1 (1 + f + 2 sqrt(f) cos(q.d)).
-- Thin jet with a Gaussian density profile along unit vector m:
-  A ~ exp(-(L^2 (q.m)^2 + w^2 (|q|^2 - (q.m)^2)) / 2): a streak where q.m = 0.
-- A diffuse droplet surface (Gaussian interface, random width) damps droplet amplitudes by
-  exp(-sigma^2 |q|^2 / 2), so the fall-off towards the edge differs from shot to shot.
+  | what varies per shot (Settings) | DEFAULT | SHIFTED |
+  |---|---|---|
+  | droplet equal-volume radius, 1/k (log; layered: from 28) | 14-80 | 20-95 |
+  | scattering angle at the crop's half width (detector distance), deg | 25-35 | 35-42 |
+  | beam centre off the crop centre, net px in x and y | +-3 | +-5 |
+  | droplet envelope at the crop edge, photons/pixel (log) | 0.05-60 | 0.03-5 |
+  | stray light beside the beam stop, photons/pixel (log); its fall-off, net px | 0.3-300; 1-4 | 1-1000; 2-5 |
+  | flat background, photons/pixel (log) | 0.001-0.1 | 0.01-0.2 |
+  | gain, ADU per photon (log) | 1-12 | 12-30 |
+  | readout noise, photons rms | 0.05-0.35 | 0.2-0.45 |
+  | saturation, ADU (log) | 8,191-65,535 | 2,047-16,383 |
+  | beam-stop radius, net px (plus a holder strip on half the shots) | 2-5 | 4-6 |
+  | module gaps: a cross or one straight gap, width net px, off centre by | 0.6-3, +-2 | 2-4, +-3 |
+  | hot pixels (at 20-100% of saturation), dead pixels: share of pixels (log) | 1e-5 - 1e-3 | 1e-4 - 3e-3 |
 
-Classes and why each is visible (the public data set's 11 classes, in its order)
--------------------------------------------------------------------------------
-- spherical_oblate: a droplet of rotational, oblate or spherical, shape -> closed rings.
-  Every such shot is exactly one of:
-  - round: a sphere, or an oblate droplet seen along its axis -> circular rings
-    (apparent axis ratio 1.00-1.03);
-  - elliptical: an oblate droplet (c/a >= 0.6) seen off-axis -> elliptical rings, stretched
-    along the droplet's projected short axis (apparent ratio 1.2-1.5).
-- prolate: a prolate droplet (c/a 1.8-2.8; fast-rotating droplets turn prolate beyond the
-  oblate stability limit) seen from the side -> a strongly elongated pattern (ratio
-  1.6-2.6), stretched perpendicular to the droplet's long axis. Never spherical_oblate.
-- streak: a thin jet through a prolate droplet, lying in the plane perpendicular to the
-  beam (elevation < 3 deg) -> a straight bright line through the centre, perpendicular to
-  the jet, reaching the edge.
-- bent: the same jet tilted out of that plane (elevation 55-75 deg): the plane q.m = 0 cuts
-  the Ewald sphere in a circle through the origin -> a streak curving into an arc.
-- asymmetric: two identical droplets displaced obliquely to the beam. Their fringes cos(q.d)
-  are circles centred 10-24 network pixels off the pattern centre (q_z breaks Friedel
-  symmetry at wide angles) -> sparse fringes on one side, dense on the other.
-- newton_rings: two identical droplets one behind the other along the beam -> fringes
-  cos(q_z d_z) with q_z ~ |q|^2: concentric dark rings at radii ~ sqrt(n), like Newton's
-  rings, cutting through the droplet rings.
-- double_rings: a second, smaller droplet (0.4-0.65 R) elsewhere in the focus. Their pair
-  fringes are finer than a pixel and average out, so the two intensities add: the fine rings
-  of the large droplet inside, the coarse rings of the small one further out.
-- layered: a dense core (0.5-0.7 R) in a helium shell. Core and shell amplitudes of equal
-  strength at high q beat -> the rings fade to dark nodes every ~4-7 ring periods.
-- empty: no droplet in the focus -> only stray light around the beam stop and background.
-At most one of asymmetric, newton_rings, double_rings and layered is drawn for a
-spherical_oblate shot; at most one of streak and bent for a prolate shot.
-Random per shot: size, orientation, axis ratios, pair distances and fluences, jet direction,
-surface width, brightness, stray light and background.
+  newton_rings: the pair's distance along the beam is drawn log-uniformly between 1.5 dark
+  fringes inside the crop and fringes 2.5 stored pixels apart at the crop's edge, so their
+  period spans everything the stored size resolves (the inner fringes, whose period grows like
+  1/r towards the centre, stay visible after downsampling). All other class parameters are those
+  of version 1, measured in the shot's own geometry.
 
-Shares (CLASS_SHARES; public data in brackets): spherical_oblate 88% (90.7), round 76.6%
-(79.7), elliptical 11.4% (11.0), prolate 9% (6.2), streak 3.6% (3.3), bent 4.5% (5.4),
-asymmetric 5.3% (5.1), newton_rings 6.6% (6.3), double_rings 4.4% (3.0), layered 4.4%
-(0.65), empty 3% (2.9). Rare classes are raised so that ~7k shots hold a few hundred each.
+"Network pixels" (net px): pixels of a 64x64 network input; the pipeline's central power-of-two
+crop (259 -> 256) spans 64 of them whatever the stored size, so 64, 128 and 259 pixel shots are
+the same physics sampled more or less finely. Counts per pixel do not depend on the stored size.
 
-Intensities: the sharp droplet's |q|^-4 envelope at the crop edge is 1-15 photons per pixel
-(log-uniform); rings beside the beam stop hold ~10^3-10^5 photons and saturate at 65535.
-Counts per pixel do not depend on the stored size.
+Detector model (version 2): photons ~ Poisson(intensity x solid angle); ADU = gain x photons +
+Gaussian readout noise, rounded, clipped to [0, saturation]; hot pixels read a large value; the
+beam stop, its holder, the module gaps and dead pixels read 0 (as the pipeline's CXI masks do).
 """
-import functools
+import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
-from nn.config import HELIUM_CLASSES, crop_size
+from nn import simulate_v1
+from nn.config import AiryNetError, crop_size
+from nn.simulate_v1 import (ASYMMETRIC, BENT, CLASS_SHARES, DOUBLE_RINGS, ELLIPTICAL,  # noqa: F401
+                            EMPTY, LAYERED, NET_PIXELS, NEWTON_RINGS, PROLATE, ROUND,
+                            SPHERICAL_OBLATE, STREAK, draw_labels, jet, oblate_view, sphere,
+                            spheroid, unit)
 
-(SPHERICAL_OBLATE, ROUND, ELLIPTICAL, PROLATE, STREAK, BENT,
- ASYMMETRIC, NEWTON_RINGS, DOUBLE_RINGS, LAYERED, EMPTY) = range(len(HELIUM_CLASSES))
-
-# Shot kinds. Rare classes of the public data (double_rings 3%, layered 0.65%) are raised to a
-# few percent so that a classifier sees a few hundred of them in ~7k shots.
-P_EMPTY = 0.03
-P_PROLATE = 0.09
-P_STREAK_IF_PROLATE = 0.4
-P_BENT_IF_PROLATE = 0.5
-P_ELLIPTICAL_IF_SPHERICAL = 0.13
-# At most one modifier per spherical_oblate shot; the rest have none.
-MODIFIERS_IF_SPHERICAL = {NEWTON_RINGS: 0.075, DOUBLE_RINGS: 0.05, ASYMMETRIC: 0.06, LAYERED: 0.05}
-
-P_SPHERICAL = 1.0 - P_EMPTY - P_PROLATE
-CLASS_SHARES = np.array([
-    P_SPHERICAL,
-    P_SPHERICAL * (1 - P_ELLIPTICAL_IF_SPHERICAL),
-    P_SPHERICAL * P_ELLIPTICAL_IF_SPHERICAL,
-    P_PROLATE,
-    P_PROLATE * P_STREAK_IF_PROLATE,
-    P_PROLATE * P_BENT_IF_PROLATE,
-    P_SPHERICAL * MODIFIERS_IF_SPHERICAL[ASYMMETRIC],
-    P_SPHERICAL * MODIFIERS_IF_SPHERICAL[NEWTON_RINGS],
-    P_SPHERICAL * MODIFIERS_IF_SPHERICAL[DOUBLE_RINGS],
-    P_SPHERICAL * MODIFIERS_IF_SPHERICAL[LAYERED],
-    P_EMPTY,
-])  # expected share of shots carrying each label
-
-NET_PIXELS = 64                      # the crop is described in pixels of a 64x64 network input
-EDGE_ANGLE = np.deg2rad(30.0)        # scattering angle at the crop's half width
-DISTANCE = (NET_PIXELS / 2) / np.tan(EDGE_ANGLE)   # detector distance, network pixels
-Q_EDGE = 2 * np.sin(EDGE_ANGLE / 2)  # |q| / k at the crop's half width
-BEAM_STOP = 3.0                      # beam-stop radius, network pixels
-GAP = 1.2                            # module gap width, network pixels
-SATURATION = np.iinfo(np.uint16).max
+VERSIONS = (1, 2)
+VERSION = 2   # what simulate() draws unless told otherwise
+LAYERED_MIN_RADIUS = 28.0   # 1/k: ring periods under 6 network pixels
 
 
-@functools.lru_cache(maxsize=8)
-def _geometry(size):
-    """Per-pixel q vector (3, size, size), |q|^2, detector response and stray-light profile."""
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Ranges that version 2 draws from per shot (see the module docstring); (low, high) pairs."""
+    radius: tuple = (14.0, 80.0)
+    edge_angle: tuple = (25.0, 35.0)
+    centre_offset: float = 3.0
+    edge_photons: tuple = (0.05, 60.0)
+    stray: tuple = (0.3, 300.0)
+    stray_length: tuple = (1.0, 4.0)
+    background: tuple = (1e-3, 0.1)
+    gain: tuple = (1.0, 12.0)
+    read_noise: tuple = (0.05, 0.35)
+    saturation: tuple = (8191.0, 65535.0)
+    beam_stop: tuple = (2.0, 5.0)
+    gap: tuple = (0.6, 3.0)
+    gap_offset: float = 2.0
+    hot: tuple = (1e-5, 1e-3)
+    dead: tuple = (1e-5, 1e-3)
+
+
+DEFAULT = Settings()
+# Moved settings for a robustness test set: a closer detector, larger droplets, dimmer shots on a
+# noisier, higher-gain detector with a lower saturation, more stray light, a larger beam stop.
+SHIFTED = Settings(radius=(20.0, 95.0), edge_angle=(35.0, 42.0), centre_offset=5.0,
+                   edge_photons=(0.03, 5.0), stray=(1.0, 1000.0), stray_length=(2.0, 5.0),
+                   background=(0.01, 0.2), gain=(12.0, 30.0), read_noise=(0.2, 0.45),
+                   saturation=(2047.0, 16383.0), beam_stop=(4.0, 6.0), gap=(2.0, 4.0), gap_offset=3.0,
+                   hot=(1e-4, 3e-3), dead=(1e-4, 3e-3))
+PRESETS = {"default": DEFAULT, "shifted": SHIFTED}
+
+
+class Geometry(NamedTuple):
+    """One shot's detector geometry; lengths in network pixels, q in units of the wave number."""
+    q: np.ndarray          # (3, size, size) momentum transfer k (s - z)
+    q2: np.ndarray         # |q|^2
+    x: np.ndarray          # (1, size) column position relative to the beam
+    y: np.ndarray          # (size, 1) row position relative to the beam
+    radius: np.ndarray     # distance from the beam
+    cos3: np.ndarray       # solid angle of a flat pixel, relative to the centre's
+    distance: float        # detector distance
+    q_edge: float          # |q| at the crop's half width
+    pixel: float           # network pixels per stored pixel
+
+
+def _log_uniform(rng, bounds):
+    """A Python float: numpy scalars would promote the float32 arrays it multiplies to float64."""
+    low, high = bounds
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def _geometry(rng, size, s):
     crop = crop_size(size)   # the pipeline's centre crop: largest power of two
-    u = (np.arange(size) - size // 2) * (NET_PIXELS / crop)
-    x, y = np.meshgrid(u, u)
-    dist = np.sqrt(x * x + y * y + DISTANCE ** 2)
-    q = np.stack([x / dist, y / dist, DISTANCE / dist - 1.0]).astype(np.float32)
-    radius = np.hypot(x, y)
-    live = (radius >= BEAM_STOP) & (np.abs(x) >= GAP / 2) & (np.abs(y) >= GAP / 2)
-    # The solid angle of a flat pixel falls as cos^3 of the scattering angle.
-    response = np.where(live, (DISTANCE / dist) ** 3, 0.0).astype(np.float32)
-    # Stray light scattered off the beam-line apertures, falling off beside the beam stop.
-    stray = np.exp(-(radius - BEAM_STOP) / 2.0).astype(np.float32)
-    arrays = q, (q * q).sum(0), response, stray
-    for a in arrays:
-        a.flags.writeable = False   # cached and shared by every shot of this size
-    return arrays
+    pixel = NET_PIXELS / crop
+    u = ((np.arange(size) - size // 2) * pixel).astype(np.float32)
+    edge = np.deg2rad(rng.uniform(*s.edge_angle))
+    distance = float((NET_PIXELS / 2) / np.tan(edge))   # Python floats keep the arrays float32
+    cx, cy = rng.uniform(-s.centre_offset, s.centre_offset, 2)
+    x, y = (u - np.float32(cx))[None, :], (u - np.float32(cy))[:, None]
+    r2 = x * x + y * y
+    inv = 1 / np.sqrt(r2 + np.float32(distance ** 2))
+    cos = np.float32(distance) * inv
+    q = np.empty((3, size, size), np.float32)
+    np.multiply(x, inv, out=q[0])
+    np.multiply(y, inv, out=q[1])
+    # q_z = cos theta - 1, written without the cancellation near the centre; |q|^2 = -2 q_z.
+    np.divide(-r2 * inv * inv, 1 + cos, out=q[2])
+    return Geometry(q, -2 * q[2], x, y, np.sqrt(r2), cos * cos * cos, distance, float(2 * np.sin(edge / 2)), pixel)
 
 
-def _sphere(x):
-    """Normalised sphere amplitude 3 (sin x - x cos x) / x^3 (1 at x = 0)."""
-    x = np.maximum(x, np.float32(1e-2))   # the exact centre is behind the beam stop anyway
-    return 3 * (np.sin(x) - x * np.cos(x)) / (x * x * x)
+def newton_kdz_range(g):
+    """Bounds of the pair distance along the beam (k d_z) of newton_rings fringes cos(q_z k d_z):
+    from 1.5 dark fringes inside the crop to a fringe period of 2.5 stored pixels at its edge."""
+    edge = NET_PIXELS / 2
+    qz_edge = g.distance / np.hypot(edge, g.distance) - 1
+    slope = g.distance * edge / np.hypot(edge, g.distance) ** 3   # |d q_z / d r| at the edge, per net px
+    finest = 2 * np.pi / (slope * 2.5 * g.pixel)
+    return 3 * np.pi / abs(qz_edge), max(finest, 6 * np.pi / abs(qz_edge))
 
 
-def _spheroid(q, q2, a, c, axis):
-    """Amplitude of a spheroid (semi-axes a, a, c; symmetry axis `axis`), normalised to 1."""
-    qn = np.tensordot(axis.astype(np.float32), q, 1)
-    return _sphere(np.sqrt(a * a * q2 + (c * c - a * a) * qn * qn))
-
-
-def _jet(q, q2, axis, length, width):
-    """Amplitude of a thin Gaussian jet along `axis`, normalised to 1: a streak at q.axis = 0."""
-    qm = np.tensordot(axis.astype(np.float32), q, 1)
-    qm2 = qm * qm
-    return np.exp(-0.5 * (length * length * qm2 + width * width * (q2 - qm2)))
-
-
-def _unit(elevation, azimuth):
-    """Unit vector with the given elevation out of the detector plane and azimuth in it."""
-    return np.array([np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth),
-                     np.sin(elevation)])
-
-
-def _oblate_view(rng, ratio):
-    """Axis ratio c/a <= 1 and tilt of an oblate droplet whose pattern has the apparent ratio.
-
-    Seen at tilt t from its axis, the rings' axis ratio is 1 / sqrt(cos^2 t + (c/a)^2 sin^2 t).
-    """
-    c_over_a = rng.uniform(0.6, 1.0 / ratio)
-    sin2 = (1.0 / ratio ** 2 - 1.0) / (c_over_a ** 2 - 1.0) if c_over_a < 1 else 0.0
-    return c_over_a, np.arcsin(np.sqrt(np.clip(sin2, 0.0, 1.0)))
-
-
-def _draw_labels(rng):
-    """The shot's int16 label vector, drawn with the shares above and the hierarchy built in."""
-    labels = np.zeros(len(HELIUM_CLASSES), np.int16)
-    u = rng.random()
-    if u < P_EMPTY:
-        labels[EMPTY] = 1
-    elif u < P_EMPTY + P_PROLATE:
-        labels[PROLATE] = 1
-        v = rng.random()   # one jet at most: straight or bent
-        labels[STREAK] = v < P_STREAK_IF_PROLATE
-        labels[BENT] = P_STREAK_IF_PROLATE <= v < P_STREAK_IF_PROLATE + P_BENT_IF_PROLATE
-    else:
-        labels[SPHERICAL_OBLATE] = 1
-        labels[ELLIPTICAL if rng.random() < P_ELLIPTICAL_IF_SPHERICAL else ROUND] = 1
-        v = rng.random()
-        for cls, p in MODIFIERS_IF_SPHERICAL.items():
-            if v < p:
-                labels[cls] = 1
-                break
-            v -= p
-    return labels
-
-
-def _hit(rng, labels, q, q2):
-    """Mean photons per pixel scattered by the hit, before the detector response."""
-    # Equal-volume radius in 1/k, the same for every shape: sphere ring periods of 12 to 3.6
-    # network pixels.
-    radius = rng.uniform(15.0, 48.0)
+def _droplet(rng, labels, g, radius):
+    """Amplitude of the droplet (and core) on the detector, with its random diffuse surface."""
     azimuth = rng.uniform(0, 2 * np.pi)
     if labels[PROLATE]:
         c_over_a = rng.uniform(1.8, 2.8)
@@ -204,73 +147,120 @@ def _hit(rng, labels, q, q2):
         tilt = np.arcsin(np.sqrt((ratio ** 2 - 1) / (c_over_a ** 2 - 1)))
     else:
         ratio = rng.uniform(1.2, 1.5) if labels[ELLIPTICAL] else rng.uniform(1.0, 1.03)
-        c_over_a, tilt = _oblate_view(rng, ratio)
-    a = radius / c_over_a ** (1 / 3)           # semi-axes a, a, c = a c_over_a: volume of `radius`
+        c_over_a, tilt = oblate_view(rng, ratio)
+    a = radius / c_over_a ** (1 / 3)
     axis = np.array([np.sin(tilt) * np.cos(azimuth), np.sin(tilt) * np.sin(azimuth), np.cos(tilt)])
-    amp = _spheroid(q, q2, a, a * c_over_a, axis)   # 1 at q = 0
+    amp = spheroid(g.q, g.q2, a, a * c_over_a, axis)
     if labels[LAYERED]:
         core = rng.uniform(0.5, 0.7)
-        # Shell (~R) and core (~contrast core^3 R / core^2) have equal high-q amplitudes: full beats.
-        contrast = rng.uniform(0.85, 1.15) / core
-        amp += contrast * core ** 3 * _spheroid(q, q2, a * core, a * c_over_a * core, axis)
-    # A diffuse droplet surface (Gaussian interface of width sigma) damps the amplitude by
-    # exp(-sigma^2 q^2 / 2): the |q|^-4 fall-off steepens by a random amount per shot.
-    surface = np.exp(-0.5 * rng.uniform(0.0, 3.0) ** 2 * q2)
-    amp *= surface
+        contrast = rng.uniform(0.85, 1.15) / core   # equal high-q amplitudes: full beats
+        amp += contrast * core ** 3 * spheroid(g.q, g.q2, a * core, a * c_over_a * core, axis)
+    surface = np.exp(-0.5 * rng.uniform(0.0, 3.0) ** 2 * g.q2)
+    return amp * surface, surface
 
+
+def _hit(rng, labels, g, s):
+    """Mean photons per pixel scattered by the hit, before the solid angle and the detector."""
+    # Core-shell beats repeat every few ring periods: a layered droplet must be large enough for
+    # several rings to fit inside the crop, or its nodes would not be seen.
+    low, high = s.radius
+    radius = _log_uniform(rng, (max(low, LAYERED_MIN_RADIUS) if labels[LAYERED] else low, high))
+    amp, surface = _droplet(rng, labels, g, radius)
     for present, elevation in ((labels[STREAK], rng.uniform(0, np.deg2rad(3))),
                                (labels[BENT], rng.uniform(np.deg2rad(55), np.deg2rad(75)))):
         if present:
-            m = _unit(elevation * rng.choice([-1, 1]), rng.uniform(0, 2 * np.pi))
-            # q.m changes by cos(elevation) / DISTANCE per pixel across the streak: a jet of this
-            # length draws a streak 2-3 pixels wide (FWHM) at any elevation.
+            m = unit(elevation * rng.choice([-1, 1]), rng.uniform(0, 2 * np.pi))
             width = rng.uniform(0.5, 1.5)
-            length = 2.355 * DISTANCE / (rng.uniform(2.0, 3.0) * np.cos(elevation))
-            # On the streak at the crop edge the jet outshines the (sharp) droplet envelope 10-60x.
-            envelope = 3.0 / (Q_EDGE * radius) ** 2
-            strength = np.sqrt(rng.uniform(10.0, 60.0)) * envelope / np.exp(-0.5 * (width * Q_EDGE) ** 2)
-            # Coherent with the droplet: the jet runs through its centre.
-            amp += strength * _jet(q, q2, m, length, width)
+            # A streak 2-3 network pixels wide (FWHM) at any elevation and detector distance.
+            length = 2.355 * g.distance / (rng.uniform(2.0, 3.0) * np.cos(elevation))
+            envelope = 3.0 / (g.q_edge * radius) ** 2
+            strength = np.sqrt(rng.uniform(10.0, 60.0)) * envelope / np.exp(-0.5 * (width * g.q_edge) ** 2)
+            amp += strength * jet(g.q, g.q2, m, length, width)
     intensity = amp * amp
-
     if labels[NEWTON_RINGS] or labels[ASYMMETRIC]:
-        kdz = rng.uniform(50.0, 240.0) if labels[NEWTON_RINGS] else rng.uniform(80.0, 160.0)
+        kdz = _log_uniform(rng, newton_kdz_range(g)) if labels[NEWTON_RINGS] else rng.uniform(80.0, 160.0)
         offset = rng.uniform(0.0, 0.7) if labels[NEWTON_RINGS] else rng.uniform(10.0, 24.0)
-        # The fringes are circles about the point where q.d is stationary, DISTANCE d_perp / d_z
-        # from the pattern centre.
-        d_perp = kdz * offset / DISTANCE
+        d_perp = kdz * offset / g.distance   # fringe circles centred `offset` net px off the beam
         phi = rng.uniform(0, 2 * np.pi)
         d = np.array([d_perp * np.cos(phi), d_perp * np.sin(phi), kdz], np.float32)
-        # Fluence on the second droplet; the off-centre fringes of oblique pairs are drawn strong.
         f = rng.uniform(0.3, 1.0) if labels[NEWTON_RINGS] else rng.uniform(0.6, 1.0)
-        intensity *= 1 + f + 2 * np.sqrt(f) * np.cos(np.tensordot(d, q, 1))
+        intensity *= 1 + f + 2 * np.sqrt(f) * np.cos(np.tensordot(d, g.q, 1))
     if labels[DOUBLE_RINGS]:
         small = rng.uniform(0.4, 0.65)
-        # Fluence ratio: the small droplet's |q|^-4 envelope is 0.2-0.8x the large one's.
         fluence = rng.uniform(0.2, 0.8) / small ** 2
-        intensity += fluence * small ** 6 * (_sphere(np.sqrt(q2) * (radius * small)) * surface) ** 2
-
-    # The sharp sphere's envelope 9 / (q R)^4 at the crop edge holds 1-15 photons per pixel.
-    edge_photons = np.exp(rng.uniform(np.log(1.0), np.log(15.0)))
-    return (edge_photons * (Q_EDGE * radius) ** 4 / 9.0) * intensity
+        intensity += fluence * small ** 6 * (sphere(np.sqrt(g.q2) * (radius * small)) * surface) ** 2
+    edge_photons = _log_uniform(rng, s.edge_photons)
+    return (edge_photons * (g.q_edge * radius) ** 4 / 9.0) * intensity
 
 
-def simulate_shot(rng, size):
-    """One shot: (image uint16 [size, size] photon counts, labels int16 [11])."""
-    q, q2, response, stray_profile = _geometry(size)
-    labels = _draw_labels(rng)
-    mean = np.zeros((size, size), np.float32) if labels[EMPTY] else _hit(rng, labels, q, q2)
-    stray = np.exp(rng.uniform(np.log(1.0), np.log(30.0)))
-    mean += stray * stray_profile + rng.uniform(0.002, 0.03)
-    counts = rng.poisson(mean * response)
-    return np.minimum(counts, SATURATION).astype(np.uint16), labels
+def _live(rng, g, s, size):
+    """Pixels that record light: not behind the beam stop or its holder, in no gap, not dead."""
+    stop = rng.uniform(*s.beam_stop)
+    dx, dy = rng.uniform(-0.2, 0.2, 2) * stop   # the stop sits nearly, not exactly, on the beam
+    live = (g.x - dx) ** 2 + (g.y - dy) ** 2 >= stop * stop
+    if rng.random() < 0.5:   # the rod that holds the stop, from the stop to the detector's edge
+        phi = rng.uniform(0, 2 * np.pi)
+        along = g.x * np.cos(phi) + g.y * np.sin(phi)
+        across = -g.x * np.sin(phi) + g.y * np.cos(phi)
+        live &= ~((along > 0) & (np.abs(across) < rng.uniform(0.3, 0.6) * stop))
+    # Gaps between modules, fixed to the detector (not to the beam): a cross of four modules or
+    # two halves split along one axis.
+    u = (np.arange(size) - size // 2) * g.pixel
+    cross = rng.random() < 0.5
+    horizontal = rng.random() < 0.5
+    for along_rows in (True, False):
+        if cross or along_rows == horizontal:
+            centre = rng.uniform(-s.gap_offset, s.gap_offset)
+            gap = np.abs(u - centre) < rng.uniform(*s.gap) / 2
+            live &= ~(gap[:, None] if along_rows else gap[None, :])
+    dead = rng.binomial(live.size, _log_uniform(rng, s.dead))
+    live.flat[rng.integers(0, live.size, dead)] = False
+    return live
 
 
-def simulate(n, seed, size, start=0):
+def _detector(rng, photons_mean, live, s):
+    """ADU image: Poisson photons times the gain, readout noise, hot pixels, saturation, mask."""
+    gain = _log_uniform(rng, s.gain)
+    adu = rng.standard_normal(live.shape, dtype=np.float32)
+    adu *= gain * rng.uniform(*s.read_noise)
+    adu += gain * rng.poisson(photons_mean).astype(np.float32)
+    full = np.floor(_log_uniform(rng, s.saturation))
+    hot = rng.binomial(adu.size, _log_uniform(rng, s.hot))
+    adu.flat[rng.integers(0, adu.size, hot)] = rng.uniform(0.2, 1.0, hot) * full
+    adu *= live
+    np.clip(adu, 0, full, out=adu)
+    return (adu + 0.5).astype(np.uint16)   # rounded to the nearest ADU
+
+
+def simulate_shot(rng, size, version=None, settings=None):
+    """One shot: (image uint16 [size, size] in ADU (version 1: photon counts), labels int16 [11])."""
+    version = VERSION if version is None else version
+    if version == 1:
+        if settings is not None:
+            raise AiryNetError("simulator version 1: its settings are fixed (settings apply to version 2)")
+        return simulate_v1.simulate_shot(rng, size)
+    if version != 2:
+        raise AiryNetError(f"--sim_version={version}: the simulator has versions {VERSIONS}")
+    s = DEFAULT if settings is None else settings
+    labels = draw_labels(rng)   # first, as in version 1: the same labels for the same shot index
+    g = _geometry(rng, size, s)
+    mean = np.zeros((size, size), np.float32) if labels[EMPTY] else _hit(rng, labels, g, s)
+    # Stray light off the beam-line apertures, falling off outside the smallest beam stop, on a
+    # flat background.
+    length = rng.uniform(*s.stray_length)
+    stray = _log_uniform(rng, s.stray) * float(np.exp(s.beam_stop[0] / length))
+    mean += stray * np.exp(g.radius * np.float32(-1 / length)) + np.float32(_log_uniform(rng, s.background))
+    live = _live(rng, g, s, size)
+    mean *= g.cos3
+    mean *= live   # nothing is drawn for pixels that record nothing
+    return _detector(rng, mean, live, s), labels
+
+def simulate(n, seed, size, start=0, version=None, settings=None):
     """Shots start..start+n-1 of the synthetic set `seed`: (images uint16 [n, size, size],
-    labels int16 [n, 11]). Shot i depends only on (seed, i), never on n or start."""
+    labels int16 [n, 11]). Shot i depends only on (seed, i, size, version, settings), never on n
+    or start. version: 1 or 2 (default VERSION); settings: a Settings for version 2 (DEFAULT)."""
     images = np.empty((n, size, size), np.uint16)
-    labels = np.empty((n, len(HELIUM_CLASSES)), np.int16)
+    labels = np.empty((n, len(CLASS_SHARES)), np.int16)
     for i in range(n):
-        images[i], labels[i] = simulate_shot(np.random.default_rng([seed, start + i]), size)
+        images[i], labels[i] = simulate_shot(np.random.default_rng([seed, start + i]), size, version, settings)
     return images, labels

@@ -7,6 +7,8 @@ writes part{K}_train.*, part{K}_eval.* and part{K}_predict.* files (at most --pe
 the same shots as `--dataset=synthetic` generates in memory for the same --random_seed, --dataset_size
 and size: train = shots 0..dataset_size-1, eval and predict = the held-out shots after them. Predict
 TFRecords hold bunch IDs (the shot index) instead of labels, as the original's helium files did.
+--version picks the simulator version (default: nn/simulate.py's VERSION), --shifted its SHIFTED
+settings (version 2), --eval_size the number of eval/predict shots (default: as --dataset=synthetic).
 """
 import argparse
 import os
@@ -23,10 +25,10 @@ from nn import config, cxi, data, simulate, tfrecord  # noqa: E402
 EXTENSIONS = {"tfrecord": "tfrecord", "cxi_shots": "cxi", "cxi_stacked": "cxi"}
 
 
-def write_split(out, fmt, mode, first, last, seed, size, per_file):
+def write_split(out, fmt, mode, first, last, seed, size, per_file, version=None, settings=None):
     for part, start in enumerate(tqdm(range(first, last, per_file), desc=mode, unit="file")):
         count = min(per_file, last - start)
-        images, labels = simulate.simulate(count, seed, size, start=start)
+        images, labels = simulate.simulate(count, seed, size, start=start, version=version, settings=settings)
         ids = np.arange(start, start + count)
         path = os.path.join(out, f"part{part:03d}_{mode}.{EXTENSIONS[fmt]}")
         if fmt == "tfrecord":
@@ -46,16 +48,26 @@ def main(argv=None):
     p.add_argument("--random_seed", type=int, default=1612)
     p.add_argument("--per_file", type=int, default=1024, help="Shots per file.")
     p.add_argument("--modes", default="train,eval,predict")
+    p.add_argument("--version", type=int, choices=simulate.VERSIONS, default=None,
+                   help=f"Simulator version (default {simulate.VERSION}).")
+    p.add_argument("--shifted", action="store_true", help="Version 2's SHIFTED settings (a robustness test set).")
+    p.add_argument("--eval_size", type=int, default=None, help="Eval and predict shots (default: as --dataset=synthetic).")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     existing = [f for f in os.listdir(args.out) if f.startswith("part")]
     if existing:
         sys.exit(f"make_dataset.py: error: {args.out} already holds dataset files ({existing[0]}, ...); "
                  f"choose another --out")
+    if args.shifted and args.version == 1:
+        sys.exit("make_dataset.py: error: --shifted: version 1 has fixed settings")
     cfg = config.parse_args([f"--dataset_size={args.dataset_size}"])
+    settings = simulate.SHIFTED if args.shifted else None
     for mode in args.modes.split(","):
         first, last = data.synthetic_range(cfg, mode)
-        write_split(args.out, args.format, mode, first, last, args.random_seed, args.size, args.per_file)
+        if args.eval_size is not None and mode != "train":
+            last = first + args.eval_size
+        write_split(args.out, args.format, mode, first, last, args.random_seed, args.size, args.per_file,
+                    args.version, settings)
     print(f"Wrote {args.format} files to {args.out}")
 
 

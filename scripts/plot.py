@@ -3,6 +3,7 @@
 
     python scripts/plot.py gallery predictions/helium.h5 --out=gallery.png [--shots=8 --start=0 --class=round]
     python scripts/plot.py eval logs/helium_RUN [--out_dir=logs/helium_RUN/eval]
+    python scripts/plot.py simulated --out=docs/gallery_v2.png [--size=259 --per_class=5 --version=2 --shifted]
 
 `gallery` reads a predictions file (either h5 layout); `eval` reads RUN/eval/scores.npz, written by
 `airynet.py --mode=eval --load_dir=RUN`, and writes confusion.png and pr_curves.png.
@@ -13,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nn import config, plots  # noqa: E402
+from nn import config, plots, simulate  # noqa: E402
 
 
 def main(argv=None):
@@ -28,13 +29,24 @@ def main(argv=None):
     e = sub.add_parser("eval", help="Confusion counts and precision-recall curves of an eval run.")
     e.add_argument("run_dir", help="A run directory after --mode=eval (holds eval/scores.npz).")
     e.add_argument("--out_dir", default=None, help="Where to write the PNGs (default: RUN/eval).")
-    for parser in (g, e):
+    s = sub.add_parser("simulated", help="Simulated shots of every class (nn/simulate.py), one row per class.")
+    s.add_argument("--out", required=True, help="The PNG to write.")
+    s.add_argument("--size", type=int, default=259, help="Stored image size.")
+    s.add_argument("--per_class", type=int, default=5, help="Shots per class (columns).")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--version", type=int, default=None, help="Simulator version (default: the current one).")
+    s.add_argument("--shifted", action="store_true", help="Version 2 with its SHIFTED settings.")
+    for parser in (g, e, s):
         parser.add_argument("--overwrite", type=config.str2bool, default=False, help="Replace existing PNGs.")
     args = p.parse_args(argv)
     try:
         if args.what == "gallery":
             out = args.out or os.path.splitext(args.h5)[0] + ".gallery.png"
             written = [plots.gallery(args.h5, out, args.shots, args.start, args.class_name, args.overwrite)]
+        elif args.what == "simulated":
+            settings = simulate.SHIFTED if args.shifted else None
+            written = [plots.class_gallery(args.out, args.size, args.seed, args.per_class, args.version, settings,
+                                           args.overwrite)]
         else:
             written = plots.eval_plots(args.run_dir, args.out_dir, args.overwrite)
     except config.AiryNetError as err:

@@ -1,0 +1,45 @@
+"""scripts/protocol.py: arm parsing, collecting the kept eval files, mean +- sd and the table. The
+end-to-end run (data, training and eval through the CLI) takes minutes and is run by hand."""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import protocol  # noqa: E402
+
+
+def write_metrics(run_dir, split, macro, f1s):
+    os.makedirs(run_dir, exist_ok=True)
+    per_class = [{"name": f"c{i}", "f1": f} for i, f in enumerate(f1s)]
+    with open(os.path.join(run_dir, f"eval_{split}.json"), "w") as f:
+        json.dump({"macro_f1": macro, "per_class": per_class}, f)
+
+
+def test_parse_arm():
+    assert protocol.parse_arm('no_log=--use_log_act=false --lr=0.05') == ("no_log", ["--use_log_act=false", "--lr=0.05"])
+    assert protocol.parse_arm("paper=") == ("paper", [])
+    for bad in ("paper", "=--lr=1", "a b=--lr=1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            protocol.parse_arm(bad)
+
+
+def test_collect_summarise_and_table(tmp_path):
+    runs = str(tmp_path)
+    for seed, macro, f1s in ((0, 0.6, [0.9, 0.3, None]), (1, 0.8, [0.7, 0.9, None])):
+        write_metrics(os.path.join(runs, f"train_s{seed}_paper_s{seed}"), "heldout", macro, f1s)
+    write_metrics(os.path.join(runs, "train_s0_paper_s0"), "shifted", 0.5, [0.5, 0.5, 0.4])
+    found = protocol.collect(runs, ["paper", "modern"], [0, 1])
+    assert list(found) == ["paper"] and len(found["paper"]["heldout"]) == 2 and len(found["paper"]["shifted"]) == 1
+    held = protocol.summarise(found["paper"]["heldout"])
+    assert held["macro_f1"] == pytest.approx(0.7) and held["sd"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert held["per_class"]["c0"] == pytest.approx(0.8) and np.isnan(held["per_class"]["c2"])
+    assert protocol.summarise(found["paper"]["shifted"])["sd"] == 0.0
+    table = protocol.format_table(found).splitlines()
+    assert table[0] == "| class | paper (heldout, 2 seeds) | paper (shifted, 1 seeds) |"
+    assert table[2] == "| c0 | 0.800 | 0.500 |" and table[4] == "| c2 | n/a | 0.400 |"
+    assert table[-1] == "| **macro-F1** | **0.700 ± 0.141** | **0.500 ± 0.000** |"
+    assert protocol.format_table({}) == "no finished evaluations"
