@@ -101,6 +101,9 @@ def build_parser():
     g.add_argument("--eval_every", type=int, default=10,
                    help="For a dataset held in one file for all modes: every Nth shot is held out "
                         "for eval, the rest trains; predict reads every shot.")
+    g.add_argument("--sim_version", type=int, default=2, choices=(1, 2),
+                   help="Version of the simulator behind --dataset=synthetic: 2 varies the detector and beam "
+                        "from shot to shot; 1 is the earlier, easier distribution (for comparisons).")
     g.add_argument("--cxi_labels", type=str, default="",
                    help="Path of the label dataset inside stacked CXI files (default: the first of "
                         "entry_1/data_1/labels, entry_1/labels, labels that exists).")

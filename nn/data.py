@@ -69,7 +69,8 @@ def _synthetic_records(cfg, mode):
 
     def make(start):
         count = int(min(chunk, last - start))
-        images, labels = simulate.simulate(count, cfg.random_seed, cfg.ori_height, start=int(start))
+        images, labels = simulate.simulate(count, cfg.random_seed, cfg.ori_height, start=int(start),
+                                           version=cfg.sim_version)
         return images.astype(np.float32), labels.astype(np.float32), np.arange(start, start + count)
 
     def generate(start):
