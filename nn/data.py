@@ -37,13 +37,22 @@ SLAB_BYTES = 16 << 20  # shots are read from HDF5 in slabs of about this size
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+NOISE_SUFFIXES = {1: "_noise_mean", 2: "_noise_mean_std", 3: "_noise_max"}
+
+
 def image_key(cfg):
-    """The image feature to read: raw, the cross-correlation (--use_ccf) or a noise variant."""
-    if cfg.use_ccf:
-        return "image/ccf/encoded"
-    if cfg.add_noise:
-        return f"image/noise{cfg.add_noise}/encoded"
-    return "image/encoded"
+    """The image feature to read, named as the original did: image/encoded, image/encoded_noise_mean,
+    ..., and with --use_ccf image/ccf_noise_ (add_noise=0), image/ccf_noise_mean, ..."""
+    suffix = "_noise_" if cfg.add_noise == 0 and cfg.use_ccf else NOISE_SUFFIXES.get(cfg.add_noise, "")
+    return "image/" + ("ccf" if cfg.use_ccf else "encoded") + suffix
+
+
+def file_stem(cfg, mode):
+    """What the files of `mode` end in before the extension: the mode, or with --fraction_mode (train
+    and predict only) `{mode}*{fraction with '_' for '.'}`, as the original globbed them."""
+    if cfg.fraction_mode and mode in ("train", "predict"):
+        return f"{mode}*{str(cfg.fraction).replace('.', '_')}"
+    return mode
 
 
 def is_one_hot_predict(cfg):
@@ -152,18 +161,19 @@ def find_files(cfg, mode):
         if cfg.dataset == "synthetic":
             return "synthetic", [], None
         raise AiryNetError(f"{directory}: dataset directory does not exist (--data_dir + --dataset)")
-    stem = f"train_{cfg.fraction:g}" if (mode == "train" and cfg.fraction_mode) else mode
+    stem = file_stem(cfg, mode)
     for kind, extensions in (("tfrecord", ("tfrecord",)), ("cxi", ("cxi", "h5"))):
         files = sorted(f for ext in extensions for f in glob.glob(os.path.join(directory, f"*{stem}.{ext}")))
         if files:
             return kind, files, None
     unsplit = sorted(glob.glob(os.path.join(directory, "*.cxi")) + glob.glob(os.path.join(directory, "*.h5")))
-    if unsplit:
+    if unsplit and stem == mode:  # a fraction is never silently replaced by all the data
         return "cxi", unsplit, mode
     if cfg.dataset == "synthetic":
         return "synthetic", [], None
     raise AiryNetError(f"{directory}: no *{stem}.tfrecord, *{stem}.cxi or *{stem}.h5 files "
-                       f"(nor unsplit *.cxi/*.h5) for --mode={mode}")
+                       + (f"(nor unsplit *.cxi/*.h5) for --mode={mode}" if stem == mode else
+                          f"for --mode={mode} with --fraction_mode (--fraction={cfg.fraction})"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,8 +597,9 @@ def _int64(value):
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
 
-def write_tfrecord(path, images, labels):
-    """Original schema. labels: int16 [N, C] flags (train/eval, cxidb predict) or [N] bunch IDs (int32)."""
+def write_tfrecord(path, images, labels, key="image/encoded"):
+    """Original schema. labels: int16 [N, C] flags (train/eval, cxidb predict) or [N] bunch IDs (int32).
+    key: the feature the images are stored under (see `image_key`)."""
     images = np.asarray(images)
     labels = np.asarray(labels)
     label_dtype = np.int32 if labels.ndim == 1 else np.int16
@@ -596,7 +607,7 @@ def write_tfrecord(path, images, labels):
     with tf.io.TFRecordWriter(tmp) as writer:
         for image, label in zip(images, labels):
             example = tf.train.Example(features=tf.train.Features(feature={
-                "image/encoded": _bytes(np.ascontiguousarray(image, np.uint16).tobytes()),
+                key: _bytes(np.ascontiguousarray(image, np.uint16).tobytes()),
                 "image/format": _bytes(b"raw"),
                 LABEL_KEY: _bytes(np.ascontiguousarray(label, label_dtype).tobytes()),
                 "image/height": _int64(image.shape[0]),

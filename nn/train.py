@@ -217,7 +217,7 @@ def _image_summaries(cfg, images, labels, logits, step):
     shown = tf.math.log1p(tf.maximum(shown, 0.0)) if cfg.use_log_act else shown
     shown = shown / (tf.reduce_max(shown, axis=[1, 2, 3], keepdims=True) + 1e-12)
     tf.summary.image("input_images", shown, step=step, max_outputs=3)
-    versus = tf.concat([labels, tf.sigmoid(logits)], axis=1)[tf.newaxis, :, :, tf.newaxis]
+    versus = tf.concat([labels, probabilities(cfg, logits)], axis=1)[tf.newaxis, :, :, tf.newaxis]
     tf.summary.image("labels_vs_predictions", versus, step=step)
 
 
@@ -455,13 +455,14 @@ def evaluate(cfg):
         logits = model(images, training=False)
         return probabilities(cfg, logits), predicted_classes(cfg, logits)
 
-    scores, truths = [], []
+    scores, truths, predicted = [], [], []
     try:
         for images, labels in tqdm(ds, desc="eval", unit="batch", dynamic_ncols=True):
             probs, classes = forward(images)
             counts.update_state(labels, classes)
             scores.append(probs.numpy())
             truths.append(labels.numpy())
+            predicted.append(classes.numpy().astype(np.uint8))
     except data.READ_ERRORS as e:
         raise data.describe_failure(cfg, "eval", e) from e
     if not scores:
@@ -473,6 +474,7 @@ def evaluate(cfg):
     _atomic_write(os.path.join(out_dir, "metrics.json"), lambda f: json.dump(metrics, f, indent=2), "w")
     _atomic_write(os.path.join(out_dir, "scores.npz"),
                   lambda f: np.savez(f, probabilities=np.concatenate(scores), labels=np.concatenate(truths),
+                                     predictions=np.concatenate(predicted),  # the flags the metrics counted
                                      class_names=np.array(config.class_names(cfg))), "wb")
     log.info("Eval of step %d over %d shots:\n%s", step, metrics["shots"], format_metrics(metrics))
     log.info("Wrote %s and scores.npz", os.path.join(out_dir, "metrics.json"))
