@@ -73,15 +73,24 @@ def dispatch(cfg):
     return export.save(cfg, model) or 0
 
 
+def debug_requested(argv, cfg):
+    """Whether errors show tracebacks: the parsed --log_level, or, where parsing failed, the flag as
+    given in either form argparse accepts (--log_level=DEBUG or --log_level DEBUG)."""
+    if cfg is not None:
+        return cfg.log_level == "DEBUG"
+    return any(a == "--log_level=DEBUG" or (a == "--log_level" and argv[i + 1:i + 2] == ["DEBUG"])
+               for i, a in enumerate(argv))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    debug = any(a.replace(" ", "=") in ("--log_level=DEBUG",) for a in argv)
+    cfg = None
     try:
         cfg = config.parse_args(argv)
         setup_logging(cfg.log_level)
         return run(cfg)
     except config.AiryNetError as e:
-        if debug:
+        if debug_requested(argv, cfg):
             log.exception("Traceback")
         print(f"airynet: error: {e}", file=sys.stderr)
         return 2
@@ -89,7 +98,7 @@ def main(argv=None):
         print("airynet: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # an unforeseen failure still ends in one line unless debugging
-        if debug:
+        if debug_requested(argv, cfg):
             raise
         print(f"airynet: error: {type(e).__name__}: {config.first_line(e)} (rerun with --log_level=DEBUG for "
               f"details)", file=sys.stderr)

@@ -5,6 +5,7 @@ module. Nothing here imports TensorFlow: airynet.py must set TensorFlow's enviro
 the flags before TensorFlow is imported.
 """
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -21,7 +22,8 @@ CONFIG_FILE = "config.json"
 
 # Flags that describe one invocation rather than the run: they are never taken from a saved config.
 PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "predict_dir", "overwrite",
-                  "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "save_images", "h5_layout",
+                  "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "save_images", "save_conv",
+                  "h5_layout",
                   "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile"}
 
 
@@ -91,13 +93,16 @@ def build_parser():
     g.add_argument("--num_worker", type=int, default=4,
                    help="Parallel TFRecord readers (at most one per file) and synthetic-shot generators.")
     g.add_argument("--use_ccf", type=str2bool, default=False,
-                   help="Read the cross-correlation image feature (image/ccf/encoded) instead of the "
-                        "raw image.")
+                   help="Read the cross-correlation image feature image/ccf_noise_* instead of the raw "
+                        "image/encoded*.")
     g.add_argument("--add_noise", type=int, default=0, choices=(0, 1, 2, 3),
-                   help="1-3: read the noise-augmented image feature image/noise{N}/encoded.")
+                   help="Read a noise-augmented image feature: suffix _noise_mean (1), _noise_mean_std (2), "
+                        "_noise_max (3); with --use_ccf, 0 reads image/ccf_noise_.")
     g.add_argument("--fraction_mode", type=str2bool, default=False,
-                   help="Train on the fraction-of-data file *train_{fraction}.tfrecord.")
-    g.add_argument("--fraction", type=float, default=1.0, help="The fraction used by --fraction_mode.")
+                   help="Train and predict on the fraction-of-data files *{mode}*{fraction with _ for .}"
+                        ".tfrecord (e.g. *train*0_25.tfrecord); eval reads *eval.tfrecord.")
+    g.add_argument("--fraction", type=float, default=0.25, choices=(0.25, 0.5, 0.75),
+                   help="The fraction used by --fraction_mode.")
     g.add_argument("--eval_every", type=int, default=10,
                    help="For a dataset held in one file for all modes: every Nth shot is held out "
                         "for eval, the rest trains; predict reads every shot.")
@@ -154,6 +159,9 @@ def build_parser():
     g.add_argument("--save_images", type=str2bool, default=True,
                    help="Store the network-input images in the stacked prediction HDF5 (the per_shot layout "
                         "always does).")
+    g.add_argument("--save_conv", type=str2bool, default=False,
+                   help="Also store the activations of the Grad-CAM layer (the last conv block) per shot "
+                        "(`conv`, channels last).")
     g.add_argument("--save_npy", type=str2bool, default=False,
                    help="Also write the original's pickled {dataset}.npy dict.")
     g.add_argument("--num_shards", type=int, default=None,
@@ -200,8 +208,6 @@ def validate(cfg):
         raise AiryNetError(f"--eval_steps={cfg.eval_steps}: must be a positive integer")
     if cfg.lr <= 0:
         raise AiryNetError(f"--lr={cfg.lr}: must be positive")
-    if not 0 < cfg.fraction <= 1:
-        raise AiryNetError(f"--fraction={cfg.fraction}: must be in (0, 1]")
     if cfg.mode == "save" and not cfg.save_dir:
         raise AiryNetError("--save_dir: --mode=save needs a directory to write the SavedModel to")
     if cfg.mode in ("eval", "predict", "save") and not cfg.load_dir:
@@ -252,7 +258,7 @@ def merge_run_config(cfg, run_dir):
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise AiryNetError(f"{path}: cannot read the saved run config ({e})")
-    differing = []
+    differing, taken = [], {}
     for key, value in saved.items():
         if key in PER_INVOCATION or not hasattr(cfg, key):
             continue
@@ -260,5 +266,34 @@ def merge_run_config(cfg, run_dir):
             if getattr(cfg, key) != value:
                 differing.append(key)
         else:
-            setattr(cfg, key, value)
+            taken[key] = value
+    for key, value in taken.items():
+        _check_saved_value(path, cfg, key, value)
+    for key, value in taken.items():
+        setattr(cfg, key, value)
     return differing
+
+
+JSON_TYPES = {str2bool: (bool, "true or false"), str: (str, "a string"), int: (int, "an integer"),
+              float: ((int, float), "a number")}
+
+
+def _check_saved_value(path, cfg, key, value):
+    """A value taken from a run's config.json gets the checks the same flag gets on the command line:
+    its type, its choices and validate()."""
+    action = next(a for a in build_parser()._actions if a.dest == key)
+    expected, text = JSON_TYPES[action.type]
+    try:
+        if value is None:
+            if action.default is not None:
+                raise AiryNetError(f"must be {text}")
+        elif not isinstance(value, expected) or (isinstance(value, bool) and action.type is not str2bool):
+            raise AiryNetError(f"must be {text}")
+        elif action.choices and value not in action.choices:
+            raise AiryNetError(f"must be one of {', '.join(map(str, action.choices))}")
+        trial = copy.copy(cfg)
+        setattr(trial, key, value)
+        validate(trial)
+    except AiryNetError as e:
+        raise AiryNetError(f"{path}: \"{key}\": {json.dumps(value)} is not valid ({e}); fix the file or "
+                           f"pass --{key}") from None

@@ -29,6 +29,14 @@ def dataset_dir(cfg):
     return cfg.data_dir + cfg.dataset + "/"
 
 
+def file_stem(cfg, mode):
+    """What the files of `mode` end in before the extension: the mode, or with --fraction_mode (train
+    and predict only) `{mode}*{fraction with '_' for '.'}`, as the original globbed them."""
+    if cfg.fraction_mode and mode in ("train", "predict"):
+        return f"{mode}*{str(cfg.fraction).replace('.', '_')}"
+    return mode
+
+
 def find_files(cfg, mode):
     """-> (kind, files, split) with kind 'tfrecord' | 'cxi' | 'synthetic'; split: None or the mode
     whose share of an unsplit CXI directory to read."""
@@ -37,18 +45,19 @@ def find_files(cfg, mode):
         if cfg.dataset == "synthetic":
             return "synthetic", [], None
         raise AiryNetError(f"{directory}: dataset directory does not exist (--data_dir + --dataset)")
-    stem = f"train_{cfg.fraction:g}" if (mode == "train" and cfg.fraction_mode) else mode
+    stem = file_stem(cfg, mode)
     for kind, extensions in (("tfrecord", ("tfrecord",)), ("cxi", ("cxi", "h5"))):
         files = sorted(f for ext in extensions for f in glob.glob(os.path.join(directory, f"*{stem}.{ext}")))
         if files:
             return kind, files, None
     unsplit = sorted(glob.glob(os.path.join(directory, "*.cxi")) + glob.glob(os.path.join(directory, "*.h5")))
-    if unsplit:
+    if unsplit and stem == mode:  # a fraction is never silently replaced by all the data
         return "cxi", unsplit, mode
     if cfg.dataset == "synthetic":
         return "synthetic", [], None
     raise AiryNetError(f"{directory}: no *{stem}.tfrecord, *{stem}.cxi or *{stem}.h5 files "
-                       f"(nor unsplit *.cxi/*.h5) for --mode={mode}")
+                       + (f"(nor unsplit *.cxi/*.h5) for --mode={mode}" if stem == mode else
+                          f"for --mode={mode} with --fraction_mode (--fraction={cfg.fraction})"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,13 +27,14 @@ def evaluate(cfg):
         return (networks.probabilities(logits, cfg.single_label),
                 networks.predicted_classes(logits, cfg.single_label))
 
-    counts, scores, truths = 0, [], []
+    counts, scores, truths, predicted = 0, [], [], []
     try:
         for images, labels in tqdm(ds, desc="eval", unit="batch", dynamic_ncols=True):
             probs, classes = forward(images)
             counts += metrics.confusion_counts(labels.numpy(), classes.numpy())
             scores.append(probs.numpy())
             truths.append(labels.numpy())
+            predicted.append(classes.numpy().astype(np.uint8))
     except data.READ_ERRORS as e:
         raise data.describe_failure(cfg, "eval", e) from e
     if not scores:
@@ -47,7 +48,9 @@ def evaluate(cfg):
     with atomic_file(os.path.join(out_dir, "metrics.json")) as f:
         json.dump(result, f, indent=2)
     with atomic_file(os.path.join(out_dir, "scores.npz"), "wb") as f:
-        np.savez(f, probabilities=np.concatenate(scores), labels=np.concatenate(truths), class_names=np.array(names))
+        np.savez(f, probabilities=np.concatenate(scores), labels=np.concatenate(truths),
+                 predictions=np.concatenate(predicted),  # the flags the metrics counted
+                 class_names=np.array(names))
     log.info("Eval of step %d over %d shots:\n%s", step, result["shots"], metrics.format_metrics(result))
     log.info("Wrote %s and scores.npz", os.path.join(out_dir, "metrics.json"))
     return 0

@@ -51,11 +51,12 @@ def maps_from_gradients(acts, grads):
     return tf.math.divide_no_nan(cams, tf.reduce_max(cams, axis=[2, 3], keepdims=True))
 
 
-def logits_and_maps(act_model, images, channels_first, class_indices=None):
+def logits_and_maps(act_model, images, channels_first, class_indices=None, with_activations=False):
     """One forward pass of `act_model` (from activation_model) plus Grad-CAM++ for the classes.
 
     Meant to run inside a tf.function. Returns logits [B, num_classes] and maps [B, C, h, w] with
-    C = len(class_indices) (all classes when None), spatial axes in NHWC order whatever the layout.
+    C = len(class_indices) (all classes when None), spatial axes in NHWC order whatever the layout;
+    with_activations: also the layer's activations [B, h, w, K] (NHWC whatever the layout).
     """
     images = tf.convert_to_tensor(images, tf.float32)
     # Watching the input (rather than the variables) records every op, so this works for frozen
@@ -68,6 +69,8 @@ def logits_and_maps(act_model, images, channels_first, class_indices=None):
     if channels_first:
         acts = tf.transpose(acts, [0, 2, 3, 1])
         grads = tf.transpose(grads, [0, 1, 3, 4, 2])
+    if with_activations:
+        return logits, maps_from_gradients(acts, grads), acts
     return logits, maps_from_gradients(acts, grads)
 
 

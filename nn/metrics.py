@@ -10,10 +10,11 @@ import numpy as np
 
 
 def confusion_counts(labels, predictions):
-    """Per-class (tp, fp, fn, tn) [C, 4] from 0/1 labels and predictions [N, C] (numpy)."""
+    """Per-class (tp, fp, fn, tn) [C, 4] from 0/1 labels and predictions [N, C] (numpy); for one class,
+    [N] arrays give its four counts."""
     labels, predictions = np.asarray(labels) > 0.5, np.asarray(predictions) > 0.5
     return np.stack([(predictions & labels).sum(0), (predictions & ~labels).sum(0),
-                     (~predictions & labels).sum(0), (~predictions & ~labels).sum(0)], axis=1)
+                     (~predictions & labels).sum(0), (~predictions & ~labels).sum(0)], axis=-1)
 
 
 def _ratio(numerator, denominator):

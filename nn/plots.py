@@ -3,9 +3,10 @@
 - `gallery(h5_path, out_png, ...)`: from a predictions file (either h5 layout), one row per shot: the
   image as fed to the network on a log scale, then a Grad-CAM++ overlay for each predicted class
   (most probable first), titled with the class name and its probability.
-- `eval_plots(run_dir, out_dir)`: from RUN/eval/scores.npz (written by --mode=eval: `probabilities`
-  and `labels` [N, C], `class_names` [C]): per-class confusion counts at the 0.5 threshold
-  (confusion.png) and precision-recall curves with their average precision (pr_curves.png).
+- `eval_plots(run_dir, out_dir)`: from RUN/eval/scores.npz (written by --mode=eval: `probabilities`,
+  `labels` and `predictions` [N, C], `class_names` [C]): per-class confusion counts of the classes eval
+  predicted, by eval's own rule (p >= 0.5, or the arg-max with --single_label) (confusion.png), and
+  precision-recall curves with their average precision (pr_curves.png).
 
 Figures are built with matplotlib's object API (Figure, no pyplot), which needs no global backend
 choice and draws without a display. Every PNG is written to a temporary name and renamed when complete.
@@ -140,18 +141,16 @@ def gallery(h5_path, out_png, count=8, start=0, class_name=None, overwrite=False
 # Evaluation
 
 def read_scores(run_dir):
+    """-> (path, probabilities [N, C], labels bool [N, C], class names, predicted classes bool [N, C])."""
     path = os.path.join(run_dir, "eval", "scores.npz")
     if not os.path.isfile(path):
         raise AiryNetError(f"{path}: missing; run --mode=eval --load_dir={run_dir} first")
     with np.load(path, allow_pickle=False) as z:
         probs, labels = z["probabilities"].astype(np.float64), z["labels"] > 0.5
         names = [str(n) for n in z["class_names"]] if "class_names" in z else list(map(str, range(probs.shape[1])))
-    return path, probs, labels, names
-
-
-def predictions_at(probs, threshold=0.5):
-    """0/1 predictions [N, C] at `threshold` (the 0.5 of --mode=eval's multi-label rule)."""
-    return probs >= threshold
+        # Files of earlier versions lack the predictions; they were multi-label, predicted at p >= 0.5.
+        preds = z["predictions"] > 0 if "predictions" in z else probs >= 0.5
+    return path, probs, labels, names, preds
 
 
 def precision_recall(scores, labels):
@@ -172,12 +171,12 @@ def precision_recall(scores, labels):
 
 def eval_plots(run_dir, out_dir=None, overwrite=False):
     """confusion.png and pr_curves.png in out_dir (default RUN/eval). Returns their paths."""
-    path, probs, labels, names = read_scores(run_dir)
+    path, probs, labels, names, preds = read_scores(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "eval")
-    tp, fp, fn, tn = metrics.confusion_counts(labels, predictions_at(probs)).T
+    tp, fp, fn, tn = metrics.confusion_counts(labels, preds).T
     return [_confusion_figure(names, tp, fn, fp, tn, len(probs), path, os.path.join(out_dir, "confusion.png"),
                               overwrite),
-            _pr_figure(names, probs, labels, path, os.path.join(out_dir, "pr_curves.png"), overwrite)]
+            _pr_figure(names, probs, labels, preds, path, os.path.join(out_dir, "pr_curves.png"), overwrite)]
 
 
 def _confusion_figure(names, tp, fn, fp, tn, shots, source, out_png, overwrite):
@@ -210,12 +209,12 @@ def _confusion_figure(names, tp, fn, fp, tn, shots, source, out_png, overwrite):
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     ax.tick_params(length=0)
-    ax.set_title(f"Confusion counts per class at p >= 0.5 ({shots} shots)\n{source}", fontsize=10)
+    ax.set_title(f"Confusion counts per class of eval's predicted classes ({shots} shots)\n{source}", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png, overwrite)
 
 
-def _pr_figure(names, probs, labels, source, out_png, overwrite):
+def _pr_figure(names, probs, labels, preds, source, out_png, overwrite):
     fig = Figure(figsize=(10, 6))
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab10"].colors
@@ -228,8 +227,8 @@ def _pr_figure(names, probs, labels, source, out_png, overwrite):
             continue
         precision, recall, ap = curve
         ax.step(recall, precision, where="post", lw=1.6, **style, label=f"{name} (AP {ap:.2f})")
-        tp, fp, fn, _ = metrics.confusion_counts(labels[:, c:c + 1], predictions_at(probs[:, c:c + 1]))[0]
-        if tp + fp:  # the operating point at the 0.5 threshold
+        tp, fp, fn, _ = metrics.confusion_counts(labels[:, c], preds[:, c])
+        if tp + fp:  # the operating point of eval's predicted classes
             ax.plot(tp / (tp + fn), tp / (tp + fp), "o", color=style["color"], ms=5)
     ax.set_xlim(0, 1.01)
     ax.set_ylim(0, 1.02)
@@ -237,7 +236,7 @@ def _pr_figure(names, probs, labels, source, out_png, overwrite):
     ax.set_ylabel("precision")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_title(f"Precision-recall per class (dots: threshold 0.5)\n{source}", fontsize=10)
+    ax.set_title(f"Precision-recall per class (dots: eval's predicted classes)\n{source}", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png, overwrite)
 

@@ -34,27 +34,37 @@ CHUNK_BYTES = 256 << 10  # target size of an HDF5 chunk (uncompressed): several 
 # ----------------------------------------------------------------------------------------------
 # The computation: one tf.function per batch
 
-def make_step(cfg, model, maps="layer"):
+def make_step(cfg, model, maps="layer", conv=False):
     """tf.function images [B, H, W, D] -> {"probabilities", "classes" (uint8) and, unless `maps` is
     None, "grad_cam" float32 [B, C, h, w]}: at the target layer's resolution ("layer") or resized to
-    the input size ("resized")."""
+    the input size ("resized"); with `conv`, also the target layer's activations "conv" float32
+    [B, h, w, K]."""
     spec = tf.TensorSpec([None, cfg.target_height, cfg.target_width, cfg.target_depth], tf.float32)
 
     def outputs(logits):
         return {"probabilities": networks.probabilities(logits, cfg.single_label),
                 "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label), tf.uint8)}
 
-    if maps is None:
+    if maps is None and not conv:
         return tf.function(lambda images: outputs(model(images, training=False)), input_signature=[spec])
     act_model = gradcam.activation_model(model, networks.GRADCAM_LAYER)
     channels_first = gradcam.is_channels_first(model)
 
     @tf.function(input_signature=[spec])
     def step(images):
-        logits, cams = gradcam.logits_and_maps(act_model, images, channels_first)
-        if maps == "resized":
-            cams = gradcam.resize_maps(cams, (cfg.target_height, cfg.target_width))
-        return {**outputs(logits), "grad_cam": cams}
+        if maps is None:
+            acts, logits = act_model(images, training=False)
+            result = outputs(logits)
+            if channels_first:
+                acts = tf.transpose(acts, [0, 2, 3, 1])
+        else:
+            logits, cams, acts = gradcam.logits_and_maps(act_model, images, channels_first, with_activations=True)
+            if maps == "resized":
+                cams = gradcam.resize_maps(cams, (cfg.target_height, cfg.target_width))
+            result = {**outputs(logits), "grad_cam": cams}
+        if conv:
+            result["conv"] = tf.cast(acts, tf.float32)
+        return result
 
     return step
 
@@ -179,7 +189,8 @@ class TxtWriter:
 
 
 def format_txt_line(bid, flags, probs):
-    return f"{bid}\t[{' '.join(str(int(f)) for f in flags)}]\t[{' '.join(f'{p:.4f}' for p in probs)}]\n"
+    """The original's line: its Python lists' text without quotes and brackets."""
+    return f"{bid}\t{', '.join(str(int(f)) for f in flags)}\t{', '.join(f'{p:.4f}' for p in probs)}\n"
 
 
 class StackedWriter:
@@ -219,28 +230,35 @@ class StackedWriter:
 class PerShotWriter:
     """The original's layout: one group per shot (see the module docstring)."""
 
-    def __init__(self, path, class_names, attrs, shard=(0, 1)):
+    def __init__(self, path, class_names, attrs, shard=(0, 1), counter_names=False):
         self.path, self.tmp = path, partial_name(path)
         self.file = h5py.File(self.tmp, "w", track_order=True)
         self.file.attrs.update({"layout": "per_shot", "class_names": class_names, **attrs})
         self.shard = shard
+        self.counter_names = counter_names  # --dataset=cxidb: groups named by the record index
         self.rows = 0  # records written by this shard
 
     def write(self, batch):
         index, count = self.shard
         for i, bid in enumerate(batch["bids"]):
             record = (self.rows + i) * count + index  # the shot's index in the unsharded record stream
-            if "labels" in batch:
+            if self.counter_names:
                 name = str(record)
             else:
                 name = str(bid) if str(bid) not in self.file else f"{bid}_{record}"
             g = self.file.create_group(name)
-            g["img"] = batch["images"][i]
-            g["prediction"] = batch["preds"][i]
+            if self.counter_names:  # the original's cxidb fields: class indices as scalars
+                if "labels" in batch:
+                    g.create_dataset("ground_truth", data=np.argmax(batch["labels"][i]), dtype="float32")
+                g.create_dataset("pred", data=np.argmax(batch["probs"][i]), dtype="int32")
+            elif "labels" in batch:
+                g["label"] = batch["labels"][i]
+            image = batch["images"][i]
+            g["img"] = image[..., 0] if image.shape[-1] == 1 else image  # gray as [H, W], as the original
+            g.create_dataset("prediction", data=batch["preds"][i], dtype="int32")
             g["probability"] = batch["probs"][i]
-            if "labels" in batch:
-                g["ground_truth"] = batch["labels"][i]
-                g["pred"] = batch["preds"][i]
+            if "conv" in batch:
+                g["conv"] = batch["conv"][i]
             if "grad_cam" in batch:
                 for c, cam in enumerate(batch["grad_cam"][i]):
                     g[f"{c}/grad_cam"] = cam
@@ -285,13 +303,22 @@ def map_size(cfg, model):
     return tuple(shape[2:4]) if gradcam.is_channels_first(model) else tuple(shape[1:3])
 
 
-def _fields(cfg, map_shape, has_labels, images):
+def conv_shape(cfg, model):
+    """(h, w, K) of the Grad-CAM layer's activations, channels last."""
+    shape = tuple(model.get_layer(networks.GRADCAM_LAYER).output.shape[1:])
+    return shape[1:] + shape[:1] if gradcam.is_channels_first(model) else shape
+
+
+def _fields(cfg, map_shape, has_labels, images, conv=None):
     c = cfg.num_classes
     fields = {"bids": ("int64", (), {}), "probs": ("float32", (c,), {}), "preds": ("uint8", (c,), {})}
     if map_shape is not None:
         fields["grad_cam"] = ("float16", (c,) + tuple(map_shape), {
             "layer": networks.GRADCAM_LAYER, "upsample_to": [cfg.target_height, cfg.target_width],
             "upsample_method": "bilinear, half-pixel centres (tf.image.resize)"})
+    if conv is not None:
+        fields["conv"] = ("float32", conv, {"layer": networks.GRADCAM_LAYER,
+                                            "axes": "shot, height, width, channels"})
     if images:
         fields["images"] = ("float32", (cfg.target_height, cfg.target_width, cfg.target_depth), {})
     if has_labels:
@@ -312,7 +339,8 @@ def run(cfg, model, dataset=None):
     if from_files:
         dataset = data.dataset(cfg, "predict", shard=shard)
     stacked = cfg.h5_layout == "stacked"
-    step = make_step(cfg, model, maps=("layer" if stacked else "resized") if cfg.gradcam else None)
+    step = make_step(cfg, model, maps=("layer" if stacked else "resized") if cfg.gradcam else None,
+                     conv=cfg.save_conv)
     # The per-shot layout always holds the image; --save_images=false leaves it out of the stacked file.
     with_images = cfg.save_images or not stacked
     has_labels = "label" in dataset.element_spec
@@ -326,10 +354,12 @@ def run(cfg, model, dataset=None):
                 elif kind == "npy":
                     out.writers.append(NpyWriter(path, shard))
                 elif stacked:
-                    fields = _fields(cfg, map_size(cfg, model) if cfg.gradcam else None, has_labels, with_images)
+                    fields = _fields(cfg, map_size(cfg, model) if cfg.gradcam else None, has_labels, with_images,
+                                     conv_shape(cfg, model) if cfg.save_conv else None)
                     out.writers.append(StackedWriter(path, fields, names, _attrs(cfg)))
                 else:
-                    out.writers.append(PerShotWriter(path, names, _attrs(cfg), shard))
+                    out.writers.append(PerShotWriter(path, names, _attrs(cfg), shard,
+                                                     counter_names=data.is_one_hot_predict(cfg)))
         # One writer thread: batch k is compressed and written while batch k + 1 is computed (TensorFlow
         # releases the GIL). At most one batch waits, so memory stays flat; its errors surface here.
         with tqdm(unit="shot", desc=f"predict {os.path.basename(paths['h5'])}", dynamic_ncols=True,
@@ -341,6 +371,8 @@ def run(cfg, model, dataset=None):
                         "preds": result["classes"].numpy()}
                 if cfg.gradcam:
                     rows["grad_cam"] = result["grad_cam"].numpy()
+                if cfg.save_conv:
+                    rows["conv"] = result["conv"].numpy()
                 if with_images:
                     rows["images"] = batch["image"].numpy()
                 if has_labels:

@@ -14,13 +14,14 @@ from nn.files import atomic_path
 LABEL_KEY = "image/class/label"
 
 
+NOISE_SUFFIXES = {1: "_noise_mean", 2: "_noise_mean_std", 3: "_noise_max"}
+
+
 def image_key(cfg):
-    """The image feature to read: raw, the cross-correlation (--use_ccf) or a noise variant."""
-    if cfg.use_ccf:
-        return "image/ccf/encoded"
-    if cfg.add_noise:
-        return f"image/noise{cfg.add_noise}/encoded"
-    return "image/encoded"
+    """The image feature to read, named as the original did: image/encoded, image/encoded_noise_mean,
+    ..., and with --use_ccf image/ccf_noise_ (add_noise=0), image/ccf_noise_mean, ..."""
+    suffix = "_noise_" if cfg.add_noise == 0 and cfg.use_ccf else NOISE_SUFFIXES.get(cfg.add_noise, "")
+    return "image/" + ("ccf" if cfg.use_ccf else "encoded") + suffix
 
 
 def is_one_hot_predict(cfg):
@@ -100,15 +101,16 @@ def _int64(value):
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
 
-def write(path, images, labels):
-    """Original schema. labels: int16 [N, C] flags (train/eval, cxidb predict) or [N] bunch IDs (int32)."""
+def write(path, images, labels, key="image/encoded"):
+    """Original schema. labels: int16 [N, C] flags (train/eval, cxidb predict) or [N] bunch IDs (int32).
+    key: the feature the images are stored under (see `image_key`)."""
     images = np.asarray(images)
     labels = np.asarray(labels)
     label_dtype = np.int32 if labels.ndim == 1 else np.int16
     with atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp) as writer:
         for image, label in zip(images, labels):
             example = tf.train.Example(features=tf.train.Features(feature={
-                "image/encoded": _bytes(np.ascontiguousarray(image, np.uint16).tobytes()),
+                key: _bytes(np.ascontiguousarray(image, np.uint16).tobytes()),
                 "image/format": _bytes(b"raw"),
                 LABEL_KEY: _bytes(np.ascontiguousarray(label, label_dtype).tobytes()),
                 "image/height": _int64(image.shape[0]),

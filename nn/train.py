@@ -7,7 +7,7 @@ fixed-length training chunks with evaluation, all under tf.distribute. Read it i
   1. data and run directory (bad data fails before anything is created);
   2. the state: model, optimizer, checkpoint manager (`build_state`);
   3. the step functions, pure graph calls returning their numbers (`step_functions`);
-  4. the loop: training chunks (`train_chunk`), each ending in a checkpoint and an evaluation (`evaluate`).
+  4. the loop: training chunks (`train_chunk`), each ending in a checkpoint and an evaluation (`evaluate_chunk`).
 """
 import atexit
 import logging

@@ -4,8 +4,9 @@
     python tests/fuzz_readers.py WORKDIR SEED CASES
 
 Each case damages a copy of a tiny valid file (truncation, flipped bytes, wrong dtypes or shapes), reads
-it through nn.data like the CLI does, and prints one JSON line: {"case", "outcome": "ok"|"error", ...}.
-Any other exception escapes and makes the process fail.
+it through nn.data like the CLI does, and prints one JSON line: {"case", "outcome": "ok"|"error",
+"detail": the number of shots read or the error message, "same_pixels": whether a read gave exactly
+the network inputs of the undamaged file}. Any other exception escapes and makes the process fail.
 """
 import json
 import os
@@ -31,17 +32,18 @@ def _bytes(value):
 
 
 def read_all(cfg, mode):
-    """Read every record once, as eval and predict do; -> ('ok', shots) or ('error', message)."""
+    """Read every record once, as eval and predict do; -> ('ok', network inputs [N, 16, 16, 1]) or
+    ('error', message)."""
     try:
-        shots = 0
+        batches = []
         try:
             for batch in data.dataset(cfg, mode, one_pass=True):
                 images = batch["image"] if isinstance(batch, dict) else batch[0]
                 assert images.shape[1:] == (16, 16, 1) and np.isfinite(images.numpy()).all()
-                shots += images.shape[0]
+                batches.append(images.numpy())
         except data.READ_ERRORS as e:
             raise data.describe_failure(cfg, mode, e) from e
-        return "ok", shots
+        return "ok", np.concatenate(batches) if batches else np.zeros((0, 16, 16, 1), np.float32)
     except config.AiryNetError as e:
         return "error", str(e)
 
@@ -106,6 +108,14 @@ def main(workdir, seed, cases):
     tfrecord.write(originals["tfrecord"], images, labels)
     cxi.write_cxi_stacked(originals["cxi"], images, labels, np.arange(6))
     cxi.write_cxi_shots(originals["shots"], images, labels, np.arange(6))
+    undamaged = {}
+    for kind, path in originals.items():
+        directory = os.path.join(workdir, f"undamaged_{kind}")
+        os.makedirs(directory)
+        shutil.copy(path, directory)
+        outcome, undamaged[kind] = read_all(config.parse_args(FLAGS + [f"--data_dir={workdir}/",
+                                                                       f"--dataset=undamaged_{kind}"]), "eval")
+        assert outcome == "ok" and len(undamaged[kind]) == 6, (kind, outcome)
     for case in range(cases):
         kind = list(originals)[case % 3]
         directory = os.path.join(workdir, f"case{case}")
@@ -115,7 +125,9 @@ def main(workdir, seed, cases):
             f.write(raw)
         cfg = config.parse_args(FLAGS + [f"--data_dir={workdir}/", f"--dataset=case{case}"])
         outcome, detail = read_all(cfg, "eval")
-        print(json.dumps({"case": f"{kind}/{how}", "outcome": outcome, "detail": detail}), flush=True)
+        same = outcome == "ok" and np.array_equal(detail, undamaged[kind])
+        print(json.dumps({"case": f"{kind}/{how}", "outcome": outcome, "same_pixels": same,
+                          "detail": len(detail) if outcome == "ok" else detail}), flush=True)
         shutil.rmtree(directory)
     for name, kind, write in wrong_type_files(workdir, images, labels):
         directory = os.path.join(workdir, name)
@@ -123,7 +135,8 @@ def main(workdir, seed, cases):
         write(os.path.join(directory, f"x_eval.{'tfrecord' if kind == 'tfrecord' else 'cxi'}"))
         cfg = config.parse_args(FLAGS + [f"--data_dir={workdir}/", f"--dataset={name}"])
         outcome, detail = read_all(cfg, "eval")
-        print(json.dumps({"case": name, "outcome": outcome, "detail": detail}), flush=True)
+        print(json.dumps({"case": name, "outcome": outcome, "same_pixels": False,
+                          "detail": len(detail) if outcome == "ok" else detail}), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ ORIGINAL_DEFAULTS = {
     "use_log_act": True, "alpha": 0.2, "beta": 0.0, "use_nchw": True, "log_level": "INFO", "log_step": 100,
     "random_seed": 1612,
     # read but never declared by the original
-    "use_ccf": False, "add_noise": 0, "fraction_mode": False, "fraction": 1.0,
+    "use_ccf": False, "add_noise": 0, "fraction_mode": False, "fraction": 0.25,
 }
 
 
@@ -100,3 +100,33 @@ def test_saved_config_fills_flags_not_given_and_explicit_flags_win(tmp_path):
 def test_class_names():
     assert config.class_names(config.parse_args([]))[7] == "newton_rings"
     assert config.class_names(config.parse_args(["--num_classes=3"])) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("batch_size", 0), ("batch_size", "8"), ("train_steps", 2.5), ("resnet_size", 19), ("airynet_type", "alexnet"),
+    ("target_depth", 2), ("lr", -1.0), ("use_log_act", "yes"), ("dataset", 5), ("steps_per_eval", 0),
+])
+def test_values_taken_from_a_saved_config_are_validated(tmp_path, key, value):
+    config.save_config(config.parse_args(["--lr=1"]), str(tmp_path))
+    path = tmp_path / config.CONFIG_FILE
+    saved = json.loads(path.read_text())
+    assert saved["lr"] == 1
+    saved[key] = value
+    path.write_text(json.dumps(saved))
+    cfg = config.parse_args(["--mode=predict", f"--load_dir={tmp_path}"])
+    with pytest.raises(AiryNetError) as e:
+        config.merge_run_config(cfg, str(tmp_path))
+    message = str(e.value)
+    assert message.startswith(f"{path}: \"{key}\": {json.dumps(value)} is not valid") and "\n" not in message
+    # A valid value on the command line overrides the broken one; the file's other values are taken.
+    given = getattr(cfg, key)
+    cfg = config.parse_args(["--mode=predict", f"--load_dir={tmp_path}", f"--{key}={given}"])
+    config.merge_run_config(cfg, str(tmp_path))
+    assert getattr(cfg, key) == given and (key == "lr" or cfg.lr == 1)
+
+
+def test_save_conv_is_per_invocation(tmp_path):
+    config.save_config(config.parse_args(["--save_conv=true"]), str(tmp_path))
+    cfg = config.parse_args(["--mode=predict", f"--load_dir={tmp_path}"])
+    config.merge_run_config(cfg, str(tmp_path))
+    assert cfg.save_conv is False and "save_conv" in config.PER_INVOCATION

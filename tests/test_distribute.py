@@ -216,7 +216,7 @@ def test_kill_9_at_random_moments_loses_only_the_steps_since_the_last_checkpoint
     run_dir = str(tmp_path / "helium_k")
     first = ["--mode=train", f"--data_dir={tfrecord_dir}", f"--log_dir={tmp_path}", "--out_dir_name=k",
              "--train_steps=16", "--steps_per_eval=2"] + TINY
-    rng = random.Random()
+    rng = random.Random(2026)
     resumed, history = 0, []
     for attempt in range(3):
         log_path = tmp_path / f"attempt{attempt}.log"

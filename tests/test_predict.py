@@ -46,14 +46,22 @@ def predict_dataset(images, bids, labels=None, shard=(0, 1), batch=4):
 
 
 def read_txt(path):
+    """The original's format: ID, flags and probabilities tab-separated, each list joined by ", "."""
     with open(path) as f:
         lines = f.read().splitlines()
     assert lines[0] == "Bunch_ID:\tClasses:\tProbabilities:"
     rows = [line.split("\t") for line in lines[1:]]
+    assert all(len(r) == 3 and not any(c in line for c in "[]'") for r, line in zip(rows, lines[1:]))
     bids = [int(r[0]) for r in rows]
-    flags = np.array([[int(v) for v in r[1].strip("[]").split()] for r in rows])
-    probs = np.array([[float(v) for v in r[2].strip("[]").split()] for r in rows])
+    flags = np.array([[int(v) for v in r[1].split(", ")] for r in rows])
+    assert all(len(v) == 6 for r in rows for v in r[2].split(", "))  # 4 decimals
+    probs = np.array([[float(v) for v in r[2].split(", ")] for r in rows])
     return bids, flags, probs
+
+
+def test_txt_line_is_the_originals():
+    line = predict.format_txt_line(np.int64(1007), np.array([0, 1, 0], np.uint8), np.array([0.01234, 0.98712, 2e-4]))
+    assert line == "1007\t0, 1, 0\t0.0123, 0.9871, 0.0002\n"
 
 
 def test_txt_and_stacked_h5(tmp_path):
@@ -67,8 +75,7 @@ def test_txt_and_stacked_h5(tmp_path):
     assert txt_bids == list(bids)
     np.testing.assert_allclose(txt_probs, probs, atol=5e-5 + 1e-6)
     np.testing.assert_array_equal(flags, np.round(probs))
-    with open(tmp_path / "pred" / "helium.txt") as f:
-        assert all(len(line.split("\t")[2].split()) == CLASSES for line in f.readlines()[1:])
+    assert flags.shape == txt_probs.shape == (10, CLASSES)
 
     with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
         assert f.attrs["layout"] == "stacked"
@@ -97,6 +104,7 @@ def test_per_shot_h5_named_by_bunch_id(tmp_path):
     model, (images, bids) = tiny_model(), shots(6)
     bids[4] = bids[1]  # a repeated bunch ID must not overwrite the earlier shot
     predict.run(cfg_for(tmp_path, "--h5_layout=per_shot"), model, predict_dataset(images, bids))
+    probs = tf.sigmoid(model(images)).numpy()
     expected = gradcam.resize_maps(
         gradcam.gradcam_plus_plus(model, images, "last_block_before_fc"), (SIZE, SIZE)).numpy()
     with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
@@ -104,9 +112,10 @@ def test_per_shot_h5_named_by_bunch_id(tmp_path):
         assert list(f.keys()) == [str(b) for b in bids[:4]] + [f"{bids[4]}_4", str(bids[5])]  # record order
         for i, name in enumerate(f):
             g = f[name]
-            np.testing.assert_array_equal(g["img"][:], images[i])
-            np.testing.assert_array_equal(g["prediction"][:], np.round(g["probability"][:]))
-            assert g["probability"].shape == (CLASSES,)
+            np.testing.assert_array_equal(g["img"][:], images[i, :, :, 0])  # gray as [H, W], as the original
+            np.testing.assert_allclose(g["probability"][:], probs[i], atol=1e-6)
+            assert g["prediction"].dtype == np.int32 and g["probability"].dtype == np.float32
+            np.testing.assert_array_equal(g["prediction"][:], np.round(probs[i]))
             assert sorted(g.keys()) == ["0", "1", "2", "img", "prediction", "probability"]
             for c in range(CLASSES):
                 cam = g[f"{c}/grad_cam"][:]
@@ -114,24 +123,62 @@ def test_per_shot_h5_named_by_bunch_id(tmp_path):
                 np.testing.assert_allclose(cam, expected[i, c], atol=1e-6)
 
 
-def test_labelled_data_and_gradcam_off(tmp_path):
-    """The cxidb variant: per-shot groups named by a running counter, with ground_truth and pred."""
+def test_cxidb_per_shot_groups_are_the_originals(tmp_path):
+    """--dataset=cxidb: groups named by a running counter from 0, `ground_truth` the class index of the
+    one-hot label (float), `pred` the arg-max of the probabilities (int); the ID is the label's arg-max."""
+    model, (images, _) = tiny_model(), shots(5)
+    labels = np.eye(CLASSES)[[2, 0, 1, 1, 2]]
+    bids = labels.argmax(axis=1)
+    predict.run(cfg_for(tmp_path, "--h5_layout=per_shot", "--gradcam=false", "--dataset=cxidb"), model,
+                predict_dataset(images, bids, labels))
+    probs = tf.sigmoid(model(images)).numpy()
+    assert not np.array_equal(probs.argmax(axis=1), bids)  # pred and ground_truth must be told apart
+    with h5py.File(tmp_path / "pred" / "cxidb.h5", "r") as f:
+        assert list(f.keys()) == ["0", "1", "2", "3", "4"]
+        for i in range(5):
+            g = f[str(i)]
+            assert sorted(g.keys()) == ["ground_truth", "img", "pred", "prediction", "probability"]
+            assert g["ground_truth"].shape == () and g["ground_truth"].dtype == np.float32
+            assert g["ground_truth"][()] == bids[i]
+            assert g["pred"].shape == () and g["pred"].dtype == np.int32 and g["pred"][()] == probs[i].argmax()
+            np.testing.assert_allclose(g["probability"][:], probs[i], atol=1e-6)
+    _, flags, txt_probs = read_txt(tmp_path / "pred" / "cxidb.txt")
+    np.testing.assert_allclose(txt_probs, probs, atol=5e-5 + 1e-6)
+    np.testing.assert_array_equal(flags, np.round(probs))
+
+
+def test_other_labelled_data_and_gradcam_off(tmp_path):
+    """Labelled predict data of other datasets: named by bunch ID, the label vector as `label` (the
+    original's ground_truth/pred are cxidb's alone)."""
     model, (images, bids) = tiny_model(), shots(5)
     labels = np.eye(CLASSES)[np.arange(5) % CLASSES]
     predict.run(cfg_for(tmp_path, "--h5_layout=per_shot", "--gradcam=false"), model,
                 predict_dataset(images, bids, labels))
     with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
-        assert list(f.keys()) == ["0", "1", "2", "3", "4"]
-        for i in range(5):
-            g = f[str(i)]
-            assert sorted(g.keys()) == ["ground_truth", "img", "pred", "prediction", "probability"]
-            np.testing.assert_array_equal(g["ground_truth"][:], labels[i])
-            np.testing.assert_array_equal(g["pred"][:], g["prediction"][:])
+        assert list(f.keys()) == [str(b) for b in bids]
+        for i, name in enumerate(f):
+            assert sorted(f[name].keys()) == ["img", "label", "prediction", "probability"]
+            np.testing.assert_array_equal(f[name]["label"][:], labels[i])
     predict.run(cfg_for(tmp_path, "--gradcam=false", "--overwrite=true"), model,
                 predict_dataset(images, bids, labels))
     with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
-        assert "grad_cam" not in f
+        assert "grad_cam" not in f and "conv" not in f
         np.testing.assert_array_equal(f["labels"][:], labels)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per_shot"])
+@pytest.mark.parametrize("maps", ["true", "false"])
+def test_save_conv_stores_the_gradcam_layer_activations(tmp_path, layout, maps):
+    model, (images, bids) = tiny_model(), shots(6)
+    predict.run(cfg_for(tmp_path, f"--h5_layout={layout}", f"--gradcam={maps}", "--save_conv=true"), model,
+                predict_dataset(images, bids))
+    acts = gradcam.activation_model(model, "last_block_before_fc")(images)[0].numpy()
+    assert acts.shape == (6, 8, 8, 4)
+    with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
+        conv = f["conv"][:] if layout == "stacked" else np.array([f[str(b)]["conv"][:] for b in bids])
+        np.testing.assert_allclose(conv, acts, rtol=1e-5, atol=1e-5)
+        if layout == "stacked":
+            assert f["conv"].attrs["layer"] == "last_block_before_fc"
 
 
 @pytest.mark.parametrize("layout", ["stacked", "per_shot"])
@@ -291,13 +338,17 @@ def test_shard_of_reads_the_flags_or_slurm(monkeypatch):
 def test_resnet_through_the_data_pipeline(tfrecord_dir, tmp_path):
     """End to end on the real pieces: TFRecord predict data, ResNet-18 (NCHW), stacked h5."""
     cfg = make_cfg(f"--data_dir={tfrecord_dir}", f"--predict_dir={tmp_path}", "--target_height=64",
-                   "--target_width=64", "--use_nchw=true")
+                   "--target_width=64", "--use_nchw=true", "--save_conv=true")
     model = networks.build_model(cfg)
     predict.run(cfg, model)
     with h5py.File(tmp_path / "helium.h5", "r") as f:
         np.testing.assert_array_equal(f["bids"][:], 1000 + np.arange(8))
         assert f["grad_cam"].shape == (8, 11, 2, 2) and f["images"].shape == (8, 64, 64, 1)
         np.testing.assert_allclose(f["probs"][:], tf.sigmoid(model(f["images"][:])).numpy(), atol=1e-5)
+        # The NCHW activations are stored channels last.
+        acts = gradcam.activation_model(model, "last_block_before_fc")(f["images"][:])[0].numpy()
+        assert acts.shape == (8, 512, 2, 2) and f["conv"].shape == (8, 2, 2, 512)
+        np.testing.assert_allclose(f["conv"][:], acts.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
         assert [h.decode() for h in f["entry_1/result_1/headings"][:]] == config.HELIUM_CLASSES
 
 
