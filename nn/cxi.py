@@ -60,8 +60,11 @@ def close_all():
 
 
 def take_failure():
-    """The last error of a background read (an AiryNetError naming file and shots), or None."""
-    return _failures.pop() if _failures else None
+    """The last error of a background read (an AiryNetError naming file and shots), or None; forgets
+    them all, so that a later run in this process does not report an earlier one's."""
+    failure = _failures[-1] if _failures else None
+    _failures.clear()
+    return failure
 
 
 def _is_real_number(dtype):
