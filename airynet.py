@@ -3,6 +3,7 @@
 
     python airynet.py --mode=train --resnet_size=18
     python airynet.py --mode=predict --load_dir=logs/helium_0101_120000
+    python airynet.py --mode=live --load_dir=logs/helium_0101_120000 --bridge=tcp://host:4545
 
 Flags are parsed once, here, and the resulting config is passed down; see `--help` and README.md.
 """
@@ -55,6 +56,9 @@ def run(cfg):
     if cfg.mode == "eval":
         return train.evaluate(cfg)
     model, _ = train.restore_model(cfg)
+    if cfg.mode == "live":
+        from nn import live
+        return live.run(cfg, model)
     if cfg.mode == "predict":
         from nn import predict
         return predict.run(cfg, model) or 0

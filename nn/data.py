@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import tensorflow as tf
 
-from nn import config, simulate
+from nn import config, euxfel, simulate  # euxfel: EuXFEL run hook
 from nn.config import AiryNetError
 
 log = logging.getLogger("airynet")
@@ -152,6 +152,8 @@ def find_files(cfg, mode):
         if cfg.dataset == "synthetic":
             return "synthetic", [], None
         raise AiryNetError(f"{directory}: dataset directory does not exist (--data_dir + --dataset)")
+    if euxfel.is_run_directory(directory):  # EuXFEL run hook: RAW-/CORR-R*-*.h5 files (nn/euxfel.py)
+        return "euxfel", [directory], None
     stem = f"train_{cfg.fraction:g}" if (mode == "train" and cfg.fraction_mode) else mode
     for kind, extensions in (("tfrecord", ("tfrecord",)), ("cxi", ("cxi", "h5"))):
         files = sorted(f for ext in extensions for f in glob.glob(os.path.join(directory, f"*{stem}.{ext}")))
@@ -493,6 +495,9 @@ def check_sources(cfg, mode):
             check_tfrecord(f, cfg, mode, max_records=1)
     elif kind == "cxi":
         files = [CxiFile(f, cfg, needs_labels=mode in ("train", "eval")) for f in files]
+    elif kind == "euxfel":  # EuXFEL run hook
+        if mode != "predict":
+            raise AiryNetError(f"{files[0]}: a European XFEL run carries no labels; use it with --mode=predict")
     elif cfg.ori_height != cfg.ori_width or cfg.ori_depth != 1:
         raise AiryNetError(f"--ori_height/--ori_width/--ori_depth: the synthetic dataset is square and "
                            f"gray, got {cfg.ori_height}x{cfg.ori_width}x{cfg.ori_depth}")
@@ -521,6 +526,8 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
         records = _tfrecord_records(files, cfg, mode, one_pass)
     elif kind == "cxi":
         records = _cxi_records(files, cfg, split, one_pass)
+    elif kind == "euxfel":  # EuXFEL run hook
+        records = euxfel.records(cfg, files[0])
     else:
         records = _synthetic_records(cfg, mode)
     shard_index, shard_count = shard
@@ -541,7 +548,7 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
             images, extra = _decode_records(batch, cfg, mode)
         else:
             images = batch["image"]
-            extra = {k: batch[k] for k in ("bunch_id", "label") if k in batch}
+            extra = {k: batch[k] for k in ("bunch_id", "label", "pulse") if k in batch}  # pulse: EuXFEL hook
         images = preprocess(images, cfg, training=training, seed=seed)
         if mode == "predict":
             return dict(extra, image=images)

@@ -221,9 +221,12 @@ class StackedWriter:
     """The stacked layout (see the module docstring). `fields`: name -> (dtype, shape per shot,
     attributes); rows are appended with write({name: array [B, ...]})."""
 
-    def __init__(self, path, fields, class_names, attrs):
+    def __init__(self, path, fields, class_names, attrs, swmr=False):
+        """swmr: write in HDF5's single-writer/multiple-reader mode, flushed after every batch, so that a
+        viewer can read the file while it grows (--mode=live)."""
         self.path, self.tmp = path, path + ".partial"
-        self.file = h5py.File(self.tmp, "w")
+        self.swmr = swmr
+        self.file = h5py.File(self.tmp, "w", libver="latest" if swmr else "earliest")
         self.rows = 0
         f = self.file
         f.attrs.update({"layout": "stacked", "class_names": class_names, **attrs})
@@ -237,6 +240,8 @@ class StackedWriter:
         f["entry_1/result_1/headings"] = np.array(class_names, dtype=h5py.string_dtype())
         if "images" in fields:
             f["entry_1/data_1/data"] = h5py.SoftLink("/images")
+        if swmr:
+            f.swmr_mode = True
 
     def write(self, batch):
         n = len(batch["bids"])
@@ -246,6 +251,8 @@ class StackedWriter:
                 ds.resize(self.rows + n, axis=0)
                 ds[self.rows:] = values
         self.rows += n
+        if self.swmr:
+            self.file.flush()
 
     def close(self):
         self.file.close()
@@ -362,6 +369,8 @@ def run(cfg, model, dataset=None):
                     out.writers.append(NpyWriter(path, shard))
                 elif stacked:
                     fields = _fields(cfg, map_size(cfg, model) if cfg.gradcam else None, has_labels, with_images)
+                    if "pulse" in dataset.element_spec:  # sources with pulses (EuXFEL runs): (bunch ID, pulse)
+                        fields["pulses"] = ("int64", (), {})
                     out.writers.append(StackedWriter(path, fields, names, _attrs(cfg)))
                 else:
                     out.writers.append(PerShotWriter(path, names, _attrs(cfg), shard))
@@ -380,6 +389,8 @@ def run(cfg, model, dataset=None):
                     rows["images"] = batch["image"].numpy()
                 if has_labels:
                     rows["labels"] = batch["label"].numpy()
+                if "pulse" in batch:
+                    rows["pulses"] = batch["pulse"].numpy()
                 if pending:
                     pending.result()
                 pending = writer.submit(out.write, rows)
