@@ -4,7 +4,8 @@
 
 A receiver thread reads the bridge (karabo_bridge.Client) and keeps only the newest trains, at most one
 batch of frames: when the classifier falls behind, the oldest waiting trains are dropped whole and
-counted, so results stay recent and no backlog grows (as OnDA favours recent data). The main thread
+counted, so results stay recent and no backlog grows (as OnDA favours recent data). After the first
+train it pauses until the classifier is set up for that frame size; that train counts as dropped. The main thread
 takes every waiting train at once, assembles and preprocesses the frames as training does, classifies
 them in batches and hands the results on:
   * a Karabo bridge stream (protocol 2.2, karabo_bridge's own server) at --publish, one message per
@@ -61,6 +62,7 @@ class Receiver(threading.Thread):
         self.waiting = collections.deque()
         self.changed = threading.Condition()
         self.stopping = threading.Event()
+        self.ready = threading.Event()  # set once the classifier takes the frames: reading goes on
         self.counts = collections.Counter()  # trains/frames in and dropped
         self.skipped = collections.Counter()  # message problems by kind
         self.error = None
@@ -80,6 +82,9 @@ class Receiver(threading.Thread):
     def _receive(self, client, silent_since):
         """Read until a silence or a stop; returns when the silence began (None if not silent)."""
         while not self.stopping.is_set():
+            if self.detector is not None and not self.ready.is_set():
+                self.ready.wait(0.1)  # the classifier is being set up for the first train's frames
+                continue
             try:
                 message = client.next()
             except TimeoutError:
@@ -381,7 +386,9 @@ def run(cfg, model):
             if _wait_for_detector(receiver, until):
                 euxfel.set_frame_size(cfg, receiver.detector)
                 classifier = Classifier(cfg, model, receiver.detector.frame_shape)
-                receiver.discard(receiver.take(timeout=0))  # stale by now: they waited for the set-up
+                # The first train waited for the set-up (tracing); it counts as dropped, not as latency.
+                receiver.discard(receiver.take(timeout=0))
+                receiver.ready.set()
                 stats = Stats(names)  # the clock starts with the first train
                 _loop(cfg, receiver, classifier, publisher, files, stats, until)
         finally:

@@ -192,31 +192,35 @@ def test_sub_slow_consumer_drops_whole_trains(run_dir, tmp_path, caplog):
     assert 1000 + sent - tids[-1] < sent / 2  # the last classified train is a recent one
 
 
+def classified(tmp_path):
+    """Shots classified so far by the live run writing to tmp_path (lines of live.txt.partial)."""
+    path = tmp_path / "live.txt.partial"
+    return max(0, len(open(path).read().splitlines()) - 1) if os.path.exists(path) else 0
+
+
 def test_reconnects_to_a_restarted_server(run_dir, tmp_path, caplog):
-    port = free_port()
-    bridge = f"tcp://127.0.0.1:{port}"
+    bridge = f"tcp://127.0.0.1:{free_port()}"
     images, _ = simulate.simulate(2, seed=1, size=SIZE)
+    stop = threading.Event()
 
     def restart():
-        with Feeder(bridge, "REP", lambda i: pnccd_train(images[0], 100 + i), interval=0.05) as first:
-            while first.sent < 3:
+        with Feeder(bridge, "REP", lambda i: pnccd_train(images[0], 100 + i), interval=0.05):
+            while classified(tmp_path) < 2 and not stop.is_set():
                 time.sleep(0.05)
         time.sleep(3)  # longer than the receive timeout: the client must reconnect
-        with Feeder(bridge, "REP", lambda i: pnccd_train(images[1], 900 + i), interval=0.05) as second:
-            while second.sent < 20 and not stop.is_set():
-                time.sleep(0.05)
+        with Feeder(bridge, "REP", lambda i: pnccd_train(images[1], 900 + i), interval=0.05):
+            stop.wait(40)
 
-    stop = threading.Event()
     thread = threading.Thread(target=restart, daemon=True)
     thread.start()
     try:
-        assert live(run_dir, tmp_path, f"--bridge={bridge}", "--live_seconds=25", "--live_trains=5") == 0
+        assert live(run_dir, tmp_path, f"--bridge={bridge}", "--live_seconds=40", "--live_trains=5") == 0
     finally:
         stop.set()
         thread.join()
     assert "reconnecting until the server is back" in caplog.text and "data again after" in caplog.text
     tids = read_txt(tmp_path / "live.txt")
-    assert len(tids) == 5 and tids[-1] >= 900
+    assert len(tids) == 5 and tids[0] < 900 <= tids[-1]
 
 
 def test_sigterm_closes_the_files_and_exits_0(run_dir, tmp_path):
@@ -227,8 +231,7 @@ def test_sigterm_closes_the_files_and_exits_0(run_dir, tmp_path):
                                  "--live_seconds=60"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
         try:
             deadline = time.time() + 60
-            while not os.path.exists(tmp_path / "live.txt.partial") or \
-                    os.path.getsize(tmp_path / "live.txt.partial") < 200:
+            while classified(tmp_path) < 2:
                 assert time.time() < deadline and proc.poll() is None
                 time.sleep(0.2)
             proc.send_signal(signal.SIGTERM)
@@ -273,3 +276,32 @@ def test_live_flags_are_checked():
         with pytest.raises(Exception, match=re.escape(message)):
             from nn import config
             config.parse_args(["--mode=live", "--load_dir=x", *flags])
+
+
+def test_replay_of_a_run_gives_the_offline_probabilities(run_dir, tmp_path, caplog):
+    """The same run directory, predicted offline and replayed through karabo-bridge-serve-files live."""
+    from test_euxfel import write_pnccd_run
+    images, _ = simulate.simulate(10, seed=11, size=SIZE)
+    write_pnccd_run(str(tmp_path / "data" / "r0042"), images.astype(np.float32), first_train=7000)
+    assert airynet.main(["--mode=predict", f"--load_dir={run_dir}", f"--data_dir={tmp_path}/data/",
+                         "--dataset=r0042", f"--predict_dir={tmp_path}/offline", "--gradcam=false"]) == 0
+    with h5py.File(tmp_path / "offline" / "r0042.h5", "r") as f:
+        np.testing.assert_array_equal(f["bids"][:], 7000 + np.arange(10))
+        np.testing.assert_array_equal(f["pulses"][:], 0)
+        offline = dict(zip(f["bids"][:], f["probs"][:]))
+    port = free_port()
+    server = subprocess.Popen(["karabo-bridge-serve-files", str(tmp_path / "data" / "r0042"),
+                               f"tcp://127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert live(run_dir, tmp_path / "live", f"--bridge=tcp://127.0.0.1:{port}", "--live_trains=9",
+                    "--live_seconds=40") == 0
+    finally:
+        server.kill()
+        server.wait()
+    received, processed, dropped = summary(caplog.text)
+    assert received == processed + dropped and processed >= 5
+    with h5py.File(tmp_path / "live" / "live.h5", "r") as f:
+        live_probs = dict(zip(f["bids"][:], f["probs"][:]))
+    assert len(live_probs) == processed
+    for train_id, probs in live_probs.items():
+        np.testing.assert_allclose(probs, offline[train_id], atol=1e-5)
