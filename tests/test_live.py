@@ -51,15 +51,15 @@ def pnccd_train(image, train_id):
 class Feeder:
     """Feeds trains to a ServerInThread from a thread until stopped: `messages(i)` -> (data, meta)."""
 
-    def __init__(self, endpoint, sock, messages, interval=0.0):
+    def __init__(self, endpoint, sock, messages, interval=0.0, limit=None):
         self.server = ServerInThread(endpoint, sock=sock, maxlen=2)
-        self.messages, self.interval = messages, interval
+        self.messages, self.interval, self.limit = messages, interval, limit
         self.stopping = threading.Event()
         self.sent = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and self.sent != self.limit:
             try:
                 self.server.feed(*self.messages(self.sent), timeout=0.2)
             except Exception:  # queue full: the client is slower than us
@@ -204,8 +204,9 @@ def test_reconnects_to_a_restarted_server(run_dir, tmp_path, caplog):
     stop = threading.Event()
 
     def restart():
-        with Feeder(bridge, "REP", lambda i: pnccd_train(images[0], 100 + i), interval=0.05):
-            while classified(tmp_path) < 2 and not stop.is_set():
+        with Feeder(bridge, "REP", lambda i: pnccd_train(images[0], 100 + i), limit=3):
+            deadline = time.time() + 30
+            while classified(tmp_path) < 2 and time.time() < deadline and not stop.is_set():
                 time.sleep(0.05)
         time.sleep(3)  # longer than the receive timeout: the client must reconnect
         with Feeder(bridge, "REP", lambda i: pnccd_train(images[1], 900 + i), interval=0.05):
