@@ -3,6 +3,7 @@
 
     python airynet.py --mode=train --resnet_size=18
     python airynet.py --mode=predict --load_dir=logs/helium_0101_120000
+    python airynet.py --mode=live --load_dir=logs/helium_0101_120000 --bridge=tcp://host:4545
 
 Flags are parsed once, here, and the resulting config is passed down; see `--help` and README.md.
 """
@@ -66,6 +67,9 @@ def dispatch(cfg):
         return evaluate.evaluate(cfg)
     from nn import checkpoints
     model, _ = checkpoints.restore_model(cfg)
+    if cfg.mode == "live":
+        from nn import live
+        return live.run(cfg, model)
     if cfg.mode == "predict":
         from nn import predict
         return predict.run(cfg, model) or 0

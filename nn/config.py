@@ -9,6 +9,7 @@ import copy
 import datetime
 import json
 import os
+import re
 
 from nn.files import atomic_file
 
@@ -17,14 +18,15 @@ HELIUM_CLASSES = ["spherical_oblate", "round", "elliptical", "prolate", "streak"
 
 RESNET_SIZES = (18, 34, 50, 101, 152, 200)
 VGG_SIZES = (16, 19)
-MODES = ("train", "eval", "predict", "save")
+MODES = ("train", "eval", "predict", "save", "live")
 CONFIG_FILE = "config.json"
 
 # Flags that describe one invocation rather than the run: they are never taken from a saved config.
 PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "predict_dir", "overwrite",
                   "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "save_images", "save_conv",
-                  "h5_layout",
-                  "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile"}
+                  "h5_layout", "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile",
+                  "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish", "publish_socket",
+                  "gradcam_every", "live_trains", "live_seconds"}
 
 
 class AiryNetError(Exception):
@@ -170,6 +172,28 @@ def build_parser():
     g.add_argument("--shard_index", type=int, default=None,
                    help="Which shard this job predicts (default: SLURM_ARRAY_TASK_ID or 0).")
 
+    g = p.add_argument_group("live")  # --mode=live; the source, key and geometry flags also serve EuXFEL runs
+    g.add_argument("--bridge", type=str, default="",
+                   help="Karabo bridge endpoint to classify shots from, e.g. tcp://host:4545 (--mode=live).")
+    g.add_argument("--bridge_socket", type=str, default="REQ", choices=("REQ", "SUB", "PULL"),
+                   help="Socket type of --bridge: REQ for a REP server, SUB for PUB, PULL for PUSH.")
+    g.add_argument("--bridge_source", type=str, default="",
+                   help="Source holding the images (default: the first source with an image key, e.g. "
+                        "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output); also for EuXFEL run directories.")
+    g.add_argument("--bridge_key", type=str, default="",
+                   help="Key of the images in the source (default: data.image or image.data).")
+    g.add_argument("--geometry", type=str, default="",
+                   help="CrystFEL .geom file to assemble modular detectors (default: EXtra-geom's example "
+                        "geometry of AGIPD1M, LPD1M, DSSC1M, JUNGFRAU or pnCCD).")
+    g.add_argument("--publish", type=str, default="",
+                   help="Endpoint to publish the results on in the Karabo bridge protocol, e.g. tcp://*:4600.")
+    g.add_argument("--publish_socket", type=str, default="REP", choices=("REP", "PUB", "PUSH"),
+                   help="Socket type of --publish (clients use REQ, SUB or PULL respectively).")
+    g.add_argument("--gradcam_every", type=int, default=0,
+                   help="Publish Grad-CAM++ maps of every Nth shot (0: none).")
+    g.add_argument("--live_trains", type=int, default=0, help="Stop after classifying N trains (0: never).")
+    g.add_argument("--live_seconds", type=float, default=0, help="Stop after S seconds (0: never).")
+
     g = p.add_argument_group("misc")
     g.add_argument("--log_level", type=str, default="INFO",
                    choices=("DEBUG", "INFO", "WARN", "WARNING", "ERROR"),
@@ -210,8 +234,23 @@ def validate(cfg):
         raise AiryNetError(f"--lr={cfg.lr}: must be positive")
     if cfg.mode == "save" and not cfg.save_dir:
         raise AiryNetError("--save_dir: --mode=save needs a directory to write the SavedModel to")
-    if cfg.mode in ("eval", "predict", "save") and not cfg.load_dir:
+    validate_live(cfg)
+    if cfg.mode in ("eval", "predict", "save", "live") and not cfg.load_dir:
         raise AiryNetError(f"--load_dir: --mode={cfg.mode} needs the run directory of a trained model")
+
+
+def validate_live(cfg):
+    for name in ("gradcam_every", "live_trains", "live_seconds"):
+        if getattr(cfg, name) < 0:
+            raise AiryNetError(f"--{name}={getattr(cfg, name)}: must not be negative")
+    for name in ("bridge", "publish"):
+        value = getattr(cfg, name)
+        if value and not re.fullmatch(r"(tcp://[^:/\s]+:\d+|ipc://\S+|inproc://\S+)", value):
+            raise AiryNetError(f"--{name}={value}: not a ZeroMQ endpoint such as tcp://host:4545")
+    if cfg.mode == "live" and not cfg.bridge:
+        raise AiryNetError("--bridge: --mode=live needs the Karabo bridge endpoint, e.g. --bridge=tcp://host:4545")
+    if cfg.geometry and not os.path.isfile(cfg.geometry):
+        raise AiryNetError(f"--geometry={cfg.geometry}: no such file")
 
 
 def class_names(cfg):

@@ -18,7 +18,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from nn import config, cxi, simulate, tfrecord
+from nn import config, cxi, euxfel, simulate, tfrecord
 from nn.config import AiryNetError, first_line
 from nn.preprocess import preprocess
 
@@ -45,6 +45,8 @@ def find_files(cfg, mode):
         if cfg.dataset == "synthetic":
             return "synthetic", [], None
         raise AiryNetError(f"{directory}: dataset directory does not exist (--data_dir + --dataset)")
+    if euxfel.is_run_directory(directory):  # RAW-/CORR-R*-*.h5 files of a European XFEL run
+        return "euxfel", [directory], None
     stem = file_stem(cfg, mode)
     for kind, extensions in (("tfrecord", ("tfrecord",)), ("cxi", ("cxi", "h5"))):
         files = sorted(f for ext in extensions for f in glob.glob(os.path.join(directory, f"*{stem}.{ext}")))
@@ -108,6 +110,9 @@ def check_sources(cfg, mode):
             tfrecord.check(f, cfg, mode, max_records=1)
     elif kind == "cxi":
         files = [cxi.open_cxi(f, cfg, needs_labels=mode in ("train", "eval")) for f in files]
+    elif kind == "euxfel":
+        if mode != "predict":
+            raise AiryNetError(f"{files[0]}: a European XFEL run carries no labels; use it with --mode=predict")
     elif cfg.ori_height != cfg.ori_width or cfg.ori_depth != 1:
         raise AiryNetError(f"--ori_height/--ori_width/--ori_depth: the synthetic dataset is square and "
                            f"gray, got {cfg.ori_height}x{cfg.ori_width}x{cfg.ori_depth}")
@@ -136,6 +141,8 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
         records = tfrecord.records(files, cfg, one_pass)
     elif kind == "cxi":
         records = cxi.records(files, cfg, split, one_pass)
+    elif kind == "euxfel":
+        records = euxfel.records(cfg, files[0])
     else:
         records = _synthetic_records(cfg, mode)
     shard_index, shard_count = shard
@@ -156,7 +163,7 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
             images, extra = tfrecord.decode_records(batch, cfg, mode)
         else:
             images = batch["image"]
-            extra = {k: batch[k] for k in ("bunch_id", "label") if k in batch}
+            extra = {k: batch[k] for k in ("bunch_id", "label", "pulse") if k in batch}  # pulse: EuXFEL runs
         images = preprocess(images, cfg, training=training, seed=seed)
         if mode == "predict":
             return dict(extra, image=images)

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import config, data, gradcam, networks
+from nn import config, data, gradcam, networks, tfrecord
 from nn.config import AiryNetError, first_line
 from nn.files import partial_name
 
@@ -197,9 +197,12 @@ class StackedWriter:
     """The stacked layout (see the module docstring). `fields`: name -> (dtype, shape per shot,
     attributes); rows are appended with write({name: array [B, ...]})."""
 
-    def __init__(self, path, fields, class_names, attrs):
+    def __init__(self, path, fields, class_names, attrs, swmr=False):
+        """swmr: write in HDF5's single-writer/multiple-reader mode, flushed after every batch, so that a
+        viewer can read the file while it grows (--mode=live)."""
         self.path, self.tmp = path, partial_name(path)
-        self.file = h5py.File(self.tmp, "w")
+        self.swmr = swmr
+        self.file = h5py.File(self.tmp, "w", libver="latest" if swmr else "earliest")
         self.rows = 0
         f = self.file
         f.attrs.update({"layout": "stacked", "class_names": class_names, **attrs})
@@ -213,6 +216,8 @@ class StackedWriter:
         f["entry_1/result_1/headings"] = np.array(class_names, dtype=h5py.string_dtype())
         if "images" in fields:
             f["entry_1/data_1/data"] = h5py.SoftLink("/images")
+        if swmr:
+            f.swmr_mode = True
 
     def write(self, batch):
         n = len(batch["bids"])
@@ -222,6 +227,8 @@ class StackedWriter:
                 ds.resize(self.rows + n, axis=0)
                 ds[self.rows:] = values
         self.rows += n
+        if self.swmr:
+            self.file.flush()
 
     def close(self):
         self.file.close()
@@ -356,10 +363,12 @@ def run(cfg, model, dataset=None):
                 elif stacked:
                     fields = _fields(cfg, map_size(cfg, model) if cfg.gradcam else None, has_labels, with_images,
                                      conv_shape(cfg, model) if cfg.save_conv else None)
+                    if "pulse" in dataset.element_spec:  # sources with pulses (EuXFEL runs): (bunch ID, pulse)
+                        fields["pulses"] = ("int64", (), {})
                     out.writers.append(StackedWriter(path, fields, names, _attrs(cfg)))
                 else:
                     out.writers.append(PerShotWriter(path, names, _attrs(cfg), shard,
-                                                     counter_names=data.is_one_hot_predict(cfg)))
+                                                     counter_names=tfrecord.is_one_hot_predict(cfg)))
         # One writer thread: batch k is compressed and written while batch k + 1 is computed (TensorFlow
         # releases the GIL). At most one batch waits, so memory stays flat; its errors surface here.
         with tqdm(unit="shot", desc=f"predict {os.path.basename(paths['h5'])}", dynamic_ncols=True,
@@ -377,6 +386,8 @@ def run(cfg, model, dataset=None):
                     rows["images"] = batch["image"].numpy()
                 if has_labels:
                     rows["labels"] = batch["label"].numpy()
+                if "pulse" in batch:
+                    rows["pulses"] = batch["pulse"].numpy()
                 if pending:
                     pending.result()
                 pending = writer.submit(out.write, rows)

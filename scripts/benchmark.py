@@ -6,6 +6,8 @@
     python scripts/benchmark.py train      # ResNet-18 224x224x1 batch 24: bare step vs the real loop
     python scripts/benchmark.py predict    # ResNet-18 224x224x1 batch 24: without and with Grad-CAM++
     python scripts/benchmark.py predict --compare_torch   # ... and the same net under torch.compile
+    python scripts/benchmark.py live       # 1024x1024 pnCCD-like frames from a local Karabo bridge, classified
+                                           # at 224x224 live vs offline predict of the same frames as a run
 
 Common flags: --size (stored), --target, --batch_size, --resnet_size, --steps; the data is synthetic,
 written once to --work (default /tmp/airynet-bench).
@@ -13,6 +15,7 @@ written once to --work (default /tmp/airynet-bench).
 import argparse
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -203,6 +206,76 @@ def bench_predict(args):
               f"(AiryNet without maps: {rates['without maps'] / compiled:.2f}x)")
 
 
+class LogLines(list):
+    """Collects the airynet logger's messages (the summaries of predict and live runs)."""
+
+    def __enter__(self):
+        import logging
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        logging.getLogger("airynet").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+        logging.getLogger("airynet").removeHandler(self.handler)
+
+
+def bench_live(args):
+    """Live (--mode=live from a local bridge) against offline predict of the same frames as a EuXFEL run,
+    both with the default outputs (txt, stacked h5 with images) and without Grad-CAM++ maps, taking turns."""
+    import re
+    import airynet
+    from karabo_bridge import ServerInThread
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from test_euxfel import PNCCD, write_pnccd_run  # the mock run writer of the tests (EXtra-data's writer)
+    source = PNCCD + ":output"
+    frames = np.kron(simulate.simulate(args.frames, seed=5, size=256)[0], np.ones((1, 4, 4))).astype(np.float32)
+    write_pnccd_run(os.path.join(args.work, "live", "r0001"), frames)
+    run_dir = os.path.join(args.work, "live", "synthetic_model")
+    if not os.path.exists(os.path.join(run_dir, "checkpoint")):  # an untrained-but-real run: one step
+        airynet.main(["--mode=train", "--dataset=synthetic", f"--data_dir={args.work}/none/",
+                      f"--log_dir={args.work}/live", "--out_dir_name=model", "--train_steps=1", "--steps_per_eval=1",
+                      "--eval_steps=1", "--dataset_size=24", f"--batch_size={args.batch_size}", "--log_level=WARNING"])
+    common = [f"--load_dir={run_dir}", f"--batch_size={args.batch_size}", f"--target_width={args.target}",
+              f"--target_height={args.target}", "--overwrite=true", "--log_level=INFO"]
+    print(f"live vs offline predict: {args.frames} pnCCD-like frames 1024x1024 (assembled 1078x1024), "
+          f"ResNet-{args.resnet_size} at {args.target}x{args.target}, batch {args.batch_size}")
+    for round_ in range(args.rounds):
+        with LogLines() as lines:
+            airynet.main(["--mode=predict", f"--data_dir={args.work}/live/", "--dataset=r0001", "--gradcam=false",
+                          f"--predict_dir={args.work}/live/offline", *common])
+        offline = float(re.search(r"Predicted \d+ shots in [\d.]+ s \(([\d.]+) shots/s\)", "\n".join(lines))[1])
+        port = 45000 + round_
+        with ServerInThread(f"tcp://127.0.0.1:{port}", sock="REP", maxlen=4) as server, LogLines() as lines:
+            feeding = threading.Thread(target=_feed, args=(server, source, frames), daemon=True)
+            feeding.start()
+            airynet.main(["--mode=live", f"--bridge=tcp://127.0.0.1:{port}", f"--live_seconds={args.seconds}",
+                          f"--predict_dir={args.work}/live/online", *common])
+            _feed.stop = True
+            feeding.join()
+        summary = next(line for line in lines if line.startswith("live: received"))
+        received, trains, processed, _, dropped, _, seconds = (float(v) for v in re.findall(r"[\d.]+", summary)[:7])
+        p99 = float(re.search(r"p99 ([\d.]+) s", summary)[1])
+        rate = processed / seconds
+        print(f"  round {round_ + 1}: live {rate:6.1f} frames/s, offline {offline:6.1f} shots/s, ratio "
+              f"{rate / offline:.2f}; latency p99 {p99:.3f} s; received {received:.0f} = processed {processed:.0f} "
+              f"+ dropped {dropped:.0f}: {received == processed + dropped}")
+
+
+def _feed(server, source, frames):
+    """Trains as fast as the client asks (REP), frames cycled, train IDs counting up."""
+    _feed.stop = False
+    i = 0
+    while not _feed.stop:
+        try:
+            server.feed({source: {"data.image": frames[i % len(frames)]}}, {source: {"timestamp.tid": 10 ** 6 + i}},
+                        timeout=0.2)
+            i += 1
+        except Exception:  # queue full: the classifier is behind
+            continue
+
+
 def torch_inference_rate(cfg, n_batches, repeats=3):
     """Images per second of the same ResNet-v2 (basic blocks, log activation, leaky ReLU, NCHW data in
     channels_last memory) in PyTorch under torch.compile: the yardstick for AiryNet's prediction.
@@ -262,7 +335,7 @@ def torch_inference_rate(cfg, n_batches, repeats=3):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("input", "train", "predict"))
+    p.add_argument("what", choices=("input", "train", "predict", "live"))
     p.add_argument("--size", type=int, default=259)
     p.add_argument("--target", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=24)
@@ -274,11 +347,15 @@ def main():
                    help="Input: also time plain per-shot pipelines (tf.image ops; h5py generator) on the same data.")
     p.add_argument("--compare_torch", action="store_true",
                    help="Predict: also time the same net under PyTorch's torch.compile (needs torch).")
+    p.add_argument("--frames", type=int, default=96, help="Live: frames in the run (offline) and cycled (live).")
+    p.add_argument("--seconds", type=float, default=20, help="Live: seconds of each live run.")
     p.add_argument("--work", default="/tmp/airynet-bench")
     args = p.parse_args()
     if args.steps is None:
         args.steps = 60 if args.what == "input" else 40
-    {"input": bench_input, "train": bench_train, "predict": bench_predict}[args.what](args)
+    if args.what == "live":
+        args.rounds = min(args.rounds, 2)
+    {"input": bench_input, "train": bench_train, "predict": bench_predict, "live": bench_live}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -328,7 +328,7 @@ def test_make_dataset_writes_the_synthetic_shots(tmp_path):
             records = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(files)]
             stored = np.array([np.frombuffer(r.features.feature["image/encoded"].bytes_list.value[0], np.uint16)
                                for r in records]).reshape(images.shape)
-            stored_labels = np.array([np.frombuffer(r.features.feature[data.LABEL_KEY].bytes_list.value[0], np.int16)
+            stored_labels = np.array([np.frombuffer(r.features.feature[tfrecord.LABEL_KEY].bytes_list.value[0], np.int16)
                                       for r in records])
         else:
             readers = [data.CxiFile(f, cfg, needs_labels=True) for f in files]

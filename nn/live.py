@@ -1,0 +1,462 @@
+"""--mode=live: classify shots from a European XFEL Karabo bridge as they arrive.
+
+    python airynet.py --mode=live --load_dir=RUN --bridge=tcp://host:4545 --publish=tcp://*:4600
+
+A receiver thread reads the bridge (karabo_bridge.Client) and keeps only the newest trains, at most one
+batch of frames: when the classifier falls behind, the oldest waiting trains are dropped whole and
+counted, so results stay recent and no backlog grows (as OnDA favours recent data). After the first
+train it pauses until the classifier is set up for that frame size; that train counts as dropped. The main thread
+takes every waiting train at once, assembles and preprocesses the frames as training does, classifies
+them in batches and hands the results on:
+  * a Karabo bridge stream (protocol 2.2, karabo_bridge's own server) at --publish, one message per
+    train from source AIRYNET/CLASSIFIER: trainId, pulseId [N], probabilities [N, C], classes [N, C]
+    (uint8, the run's decision rule), class_names and, for every --gradcam_every-th shot, gradcam
+    [M, C, h, w] (Grad-CAM++ at the last block's resolution) with gradcam_index [M] (rows of the train);
+  * `live.txt` and `live.h5` in --predict_dir, the txt and stacked layouts of --mode=predict (Bunch_ID =
+    train ID; the h5 adds `pulses`), appended batch by batch. Until the run ends they are named
+    `*.partial`; the h5 is written in SWMR mode, so h5py.File(path, "r", swmr=True) reads it while it grows;
+  * a status line every STATUS_SECONDS.
+Frames received = frames processed + frames dropped: trains still waiting when the run stops count as
+dropped. A message without the source or key, or with a wrong shape or dtype, is logged once per kind,
+counted and skipped. SIGINT and SIGTERM end the run cleanly (files closed, exit status 0).
+"""
+import collections
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import tensorflow as tf
+
+from nn import config, detectors, euxfel
+from nn.config import AiryNetError
+# The inference API of --mode=predict, imported here only.
+from nn.predict import StackedWriter, TxtWriter, make_step, output_paths
+from nn.preprocess import preprocess
+
+log = logging.getLogger("airynet")
+
+SOURCE = "AIRYNET/CLASSIFIER"
+STATUS_SECONDS = 5.0
+RECEIVE_TIMEOUT = 2.0  # seconds without data before the bridge connection is made anew
+FILE_STEM = "live"
+
+Train = collections.namedtuple("Train", "train_id array pulses received")
+
+
+# ----------------------------------------------------------------------------------------------
+# Receiving
+
+class Receiver(threading.Thread):
+    """Reads the bridge and keeps the newest trains, at most `capacity` frames (at least one train)."""
+
+    def __init__(self, cfg, capacity):
+        super().__init__(name="bridge-receiver", daemon=True)
+        self.endpoint, self.socket = cfg.bridge, cfg.bridge_socket
+        self.source, self.key, self.geometry = cfg.bridge_source, cfg.bridge_key, cfg.geometry
+        self.capacity = capacity
+        self.detector = None
+        self.waiting = collections.deque()
+        self.changed = threading.Condition()
+        self.stopping = threading.Event()
+        self.ready = threading.Event()  # set once the classifier takes the frames: reading goes on
+        self.counts = collections.Counter()  # trains/frames in and dropped
+        self.skipped = collections.Counter()  # message problems by kind
+        self.error = None
+
+    def run(self):
+        import karabo_bridge
+        silent_since = None
+        try:
+            while not self.stopping.is_set():
+                # A REQ socket whose server went away waits forever for the reply to its request: a new
+                # client (and socket) on every silence also serves servers that come back.
+                with karabo_bridge.Client(self.endpoint, sock=self.socket, timeout=RECEIVE_TIMEOUT) as client:
+                    silent_since = self._receive(client, silent_since)
+        except Exception as e:  # surfaces in the main thread, which ends the run cleanly
+            self.error = e
+
+    def _receive(self, client, silent_since):
+        """Read until a silence or a stop; returns when the silence began (None if not silent)."""
+        while not self.stopping.is_set():
+            if self.detector is not None and not self.ready.is_set():
+                self.ready.wait(0.1)  # the classifier is being set up for the first train's frames
+                continue
+            try:
+                message = client.next()
+            except TimeoutError:
+                if silent_since is None and self.counts["trains"]:
+                    log.warning("--bridge=%s: no data for %.0f s; reconnecting until the server is back",
+                                self.endpoint, RECEIVE_TIMEOUT)
+                return silent_since or time.monotonic()
+            except Exception as e:  # not the bridge protocol (msgpack or framing errors)
+                self._skip(f"undecodable message ({type(e).__name__})")
+                continue
+            if silent_since is not None and self.counts["trains"]:
+                log.warning("--bridge=%s: data again after %.0f s", self.endpoint, time.monotonic() - silent_since)
+            silent_since = None
+            self._accept(*message, time.monotonic())
+        return silent_since
+
+    def _skip(self, kind):
+        if not self.skipped[kind]:
+            log.warning("--bridge=%s: skipping messages with %s (logged once; counted)", self.endpoint, kind)
+        self.skipped[kind] += 1
+
+    def _accept(self, data, meta, received):
+        picked = detectors.pick_source(data, self.source, self.key) if self.detector is None else (
+            (self.detector.source, self.detector.key) if self.detector.key in data.get(self.detector.source, {})
+            else None)
+        if picked is None:
+            return self._skip(self._missing(data))
+        source, key = picked
+        array = data[source][key]
+        if self.detector is None:
+            try:
+                self.detector = detectors.Detector(source, key, array, self.geometry)
+            except AiryNetError as e:
+                return self._skip(str(e))
+            log.info("Classifying %s%s", self.detector.describe(),
+                     "" if self.source and self.key else " (chosen automatically; see --bridge_source/--bridge_key)")
+        problem = self.detector.problem(array)
+        train_id = meta.get(source, {}).get("timestamp.tid", data[source].get("metadata", {}).get("timestamp.tid"))
+        if problem is None and train_id is None:
+            problem = "no train ID (timestamp.tid)"
+        if problem is not None:
+            return self._skip(problem)
+        self._keep(Train(int(train_id), array, self.detector.pulse_ids(data[source], array), received))
+
+    def _missing(self, data):
+        if self.detector is not None:
+            source, key = self.detector.source, self.detector.key
+            return f"no source {source}" if source not in data else f"no key {key} in {source}"
+        if self.source and self.source not in data:
+            return f"no source {self.source}"
+        return f"no image key ({self.key or ' or '.join(detectors.IMAGE_KEYS)})"
+
+    def _keep(self, train):
+        n = self.detector.count(train.array)
+        with self.changed:
+            self.counts.update(trains=1, frames=n)
+            self.waiting.append(train)
+            while len(self.waiting) > 1 and sum(self.detector.count(t.array) for t in self.waiting) > self.capacity:
+                self._drop(self.waiting.popleft())
+            self.changed.notify()
+
+    def _drop(self, train):
+        self.counts.update(dropped_trains=1, dropped_frames=self.detector.count(train.array))
+
+    def take(self, timeout):
+        """Every waiting train (oldest first), waiting up to `timeout` s for one."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.waiting, timeout)
+            trains = list(self.waiting)
+            self.waiting.clear()
+            return trains
+
+    def discard(self, trains):
+        """Count trains taken but not classified as dropped."""
+        with self.changed:
+            for train in trains:
+                self._drop(train)
+
+    def stop(self):
+        """Stop reading; trains still waiting count as dropped."""
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=2 * RECEIVE_TIMEOUT + 1)
+        self.discard(self.take(timeout=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifying
+
+class Classifier:
+    """Frames [N, H, W] float32 -> probabilities, classes, network-input images and optional maps."""
+
+    def __init__(self, cfg, model, frame_shape):
+        spec = tf.TensorSpec([None, *frame_shape, 1], tf.float32)
+        self.prepare = tf.function(lambda raw: preprocess(raw, cfg, training=False), input_signature=[spec])
+        self.step = make_step(cfg, model, maps=None)
+        self.maps_step = make_step(cfg, model, maps="layer") if cfg.gradcam_every else None
+        self.batch_size = cfg.batch_size
+        try:  # trace now, so that the first train waits for no tracing; and fail early on a mismatch
+            self(np.zeros((1, *frame_shape), np.float32), np.ones(1, bool))
+        except Exception as e:
+            raise AiryNetError(f"--load_dir={cfg.load_dir}: the run's model cannot take frames of "
+                               f"{frame_shape[0]}x{frame_shape[1]} ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+
+    def __call__(self, frames, with_maps):
+        """-> {"probabilities", "classes", "images"[, "gradcam" [M, ...] for the rows where with_maps]}."""
+        parts = collections.defaultdict(list)
+        for start in range(0, len(frames), self.batch_size):
+            images = self.prepare(frames[start:start + self.batch_size, ..., None])
+            out = self.step(images)
+            parts["probabilities"].append(out["probabilities"].numpy())
+            parts["classes"].append(out["classes"].numpy())
+            parts["images"].append(images.numpy())
+            chosen = np.flatnonzero(with_maps[start:start + self.batch_size])
+            if self.maps_step is not None and len(chosen):
+                parts["gradcam"].append(self.maps_step(tf.gather(images, chosen))["grad_cam"].numpy())
+        return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+class Publisher:
+    """The results as a Karabo bridge stream (protocol 2.2) through karabo_bridge's own server.
+
+    At most one message waits for a client: with nobody asking (REP) further results are not published
+    (counted), so that a slow or absent client never slows the classifier."""
+
+    def __init__(self, endpoint, socket, class_names):
+        import karabo_bridge
+        import zmq
+        try:
+            self.server = karabo_bridge.ServerInThread(endpoint, sock=socket, maxlen=1)
+        except zmq.ZMQError as e:
+            raise AiryNetError(f"--publish={endpoint}: cannot bind ({e})") from e
+        self.server.start()
+        self.class_names = list(class_names)
+        self.unpublished = 0
+
+    def publish(self, train_id, pulses, result):
+        values = {"trainId": train_id, "pulseId": pulses, "probabilities": result["probabilities"],
+                  "classes": result["classes"], "class_names": self.class_names}
+        if "gradcam" in result:
+            values.update(gradcam=result["gradcam"], gradcam_index=result["gradcam_index"])
+        now = time.time()
+        meta = {"source": SOURCE, "timestamp": now, "timestamp.sec": str(int(now)),
+                "timestamp.frac": f"{now % 1:.18f}"[2:], "timestamp.tid": train_id}
+        try:
+            self.server.feed({SOURCE: values}, {SOURCE: meta}, block=False)
+        except queue.Full:
+            self.unpublished += 1
+
+    def close(self):
+        self.server.stop()
+
+
+class Files:
+    """live.txt and live.h5 (stacked, SWMR) in --predict_dir, written by one background thread."""
+
+    def __init__(self, cfg):
+        paths = output_paths(cfg.predict_dir, FILE_STEM)
+        try:
+            os.makedirs(cfg.predict_dir, exist_ok=True)
+        except OSError as e:
+            raise AiryNetError(f"--predict_dir={cfg.predict_dir}: cannot create it ({e.strerror})") from e
+        for path in paths.values():
+            for name in (path, path + ".partial"):
+                if os.path.exists(name) and not cfg.overwrite:
+                    raise AiryNetError(f"{name}: exists; pass --overwrite=true to replace it or choose another "
+                                       f"--predict_dir")
+        c = cfg.num_classes
+        fields = {"bids": ("int64", (), {"meaning": "train ID"}), "pulses": ("int64", (), {}),
+                  "probs": ("float32", (c,), {}), "preds": ("uint8", (c,), {})}
+        if cfg.save_images:
+            fields["images"] = ("float32", (cfg.target_height, cfg.target_width, cfg.target_depth), {})
+        attrs = {"source": "live", "bridge": cfg.bridge, "load_dir": cfg.load_dir}
+        self.txt = TxtWriter(paths["txt"])
+        self.h5 = StackedWriter(paths["h5"], fields, config.class_names(cfg), attrs, swmr=True)
+        self.writer = ThreadPoolExecutor(1)
+        self.pending = None
+
+    def write(self, rows):
+        """Queue one batch; at most one waits, so memory stays flat. A write error surfaces here."""
+        if self.pending:
+            self.pending.result()
+        self.pending = self.writer.submit(self._write, rows)
+
+    def _write(self, rows):
+        self.txt.write(rows)
+        self.txt.file.flush()
+        self.h5.write(rows)
+
+    def close(self):
+        """Finish the writes and give the files their final names (they hold every classified shot)."""
+        try:
+            if self.pending:
+                self.pending.result()
+        finally:
+            self.writer.shutdown()
+            for w in (self.txt, self.h5):
+                w.close()
+                os.replace(w.tmp, w.path)
+        return [self.txt.path, self.h5.path]
+
+
+# ----------------------------------------------------------------------------------------------
+# Status
+
+class Stats:
+    """Counts of the processed shots and latencies, for the status lines and the summary."""
+
+    def __init__(self, class_names):
+        self.class_names = class_names
+        self.start = self.last = time.monotonic()
+        self.trains = self.frames = 0
+        self.latencies = collections.deque(maxlen=100_000)  # receive -> publish, seconds
+        self.window = {"frames": 0, "in": 0, "latencies": [], "classes": np.zeros(len(class_names))}
+
+    def add(self, n_frames, classes, latencies):
+        self.trains += len(latencies)
+        self.frames += n_frames
+        self.latencies.extend(latencies)
+        self.window["frames"] += n_frames
+        self.window["latencies"] += latencies
+        self.window["classes"] += classes.sum(axis=0)
+
+    def status(self, receiver):
+        """The status line of the last interval (then a new interval starts)."""
+        now = time.monotonic()
+        seconds, w = max(now - self.last, 1e-9), self.window
+        frames_in = receiver.counts["frames"] - w["in"]
+        p50, p99 = _percentiles(w["latencies"])
+        fractions = w["classes"] / max(w["frames"], 1)
+        order = np.argsort(-fractions)
+        classes = ", ".join(f"{self.class_names[i]} {fractions[i]:.0%}" for i in order if fractions[i] > 0) or "-"
+        line = (f"live: in {frames_in / seconds:.1f} frames/s, processed {w['frames'] / seconds:.1f} frames/s, "
+                f"dropped {receiver.counts['dropped_trains']} trains, latency p50 {p50:.2f} s p99 {p99:.2f} s | "
+                f"{classes}")
+        self.last = now
+        self.window = {"frames": 0, "in": receiver.counts["frames"], "latencies": [],
+                       "classes": np.zeros(len(self.class_names))}
+        return line
+
+    def summary(self, receiver, publisher):
+        c = receiver.counts
+        p50, p99 = _percentiles(self.latencies)
+        skipped = ", ".join(f"{n} with {kind}" for kind, n in receiver.skipped.items()) or "none"
+        unpublished = f", {publisher.unpublished} results not published (no client waiting)" if publisher else ""
+        return (f"live: received {c['frames']} frames ({c['trains']} trains), processed {self.frames} "
+                f"({self.trains} trains), dropped {c['dropped_frames']} ({c['dropped_trains']} trains) in "
+                f"{time.monotonic() - self.start:.1f} s; latency p50 {p50:.3f} s p99 {p99:.3f} s; skipped "
+                f"messages: {skipped}{unpublished}")
+
+
+def _percentiles(values):
+    return tuple(np.percentile(values, [50, 99])) if len(values) else (float("nan"),) * 2
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM set a flag that the loop checks (files are then closed as on a normal end)."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def run(cfg, model):
+    """Classify bridge trains until --live_trains, --live_seconds or a signal; returns 0."""
+    names = config.class_names(cfg)
+    receiver = Receiver(cfg, capacity=cfg.batch_size)
+    files = Files(cfg)
+    publisher = None
+    with StopOnSignal() as stop:
+        try:
+            publisher = Publisher(cfg.publish, cfg.publish_socket, names) if cfg.publish else None
+            receiver.start()
+            log.info("Waiting for data from %s (%s)", cfg.bridge, cfg.bridge_socket)
+            start = time.monotonic()
+            until = (lambda: stop.received or (cfg.live_seconds and time.monotonic() - start >= cfg.live_seconds))
+            stats = Stats(names)
+            if _wait_for_detector(receiver, until):
+                euxfel.set_frame_size(cfg, receiver.detector)
+                classifier = Classifier(cfg, model, receiver.detector.frame_shape)
+                # The first train waited for the set-up (tracing); it counts as dropped, not as latency.
+                receiver.discard(receiver.take(timeout=0))
+                receiver.ready.set()
+                stats = Stats(names)  # the clock starts with the first train
+                _loop(cfg, receiver, classifier, publisher, files, stats, until)
+        finally:
+            receiver.stop()
+            paths = files.close()
+            if publisher:
+                publisher.close()
+    if stop.received:
+        log.info("Stopped by %s", stop.received)
+    log.info("%s; wrote %s", stats.summary(receiver, publisher), ", ".join(paths))
+    return 0
+
+
+def _wait_for_detector(receiver, until):
+    while receiver.detector is None:
+        if until() or receiver.error:
+            _raise_receiver_error(receiver)
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _raise_receiver_error(receiver):
+    if receiver.error is not None:
+        raise AiryNetError(f"--bridge={receiver.endpoint}: {type(receiver.error).__name__}: {receiver.error}")
+
+
+def _loop(cfg, receiver, classifier, publisher, files, stats, until):
+    shots = 0  # shots classified so far, for --gradcam_every
+    next_status = time.monotonic() + STATUS_SECONDS
+    while not until() and not (cfg.live_trains and stats.trains >= cfg.live_trains):
+        _raise_receiver_error(receiver)
+        trains = receiver.take(timeout=0.2)
+        if cfg.live_trains:  # exactly N trains are classified; any beyond wait and count as dropped
+            receiver.discard(trains[cfg.live_trains - stats.trains:])
+            trains = trains[:cfg.live_trains - stats.trains]
+        if trains:
+            shots = _classify(cfg, trains, receiver.detector, classifier, publisher, files, stats, shots)
+        if time.monotonic() >= next_status:
+            log.info(stats.status(receiver))
+            next_status += STATUS_SECONDS
+
+
+def _classify(cfg, trains, detector, classifier, publisher, files, stats, shots):
+    """Classify, publish and write the shots of `trains`; returns the new shot count."""
+    frames = np.concatenate([detector.frames(t.array) for t in trains])
+    with_maps = (shots + np.arange(len(frames))) % cfg.gradcam_every == 0 if cfg.gradcam_every else \
+        np.zeros(len(frames), bool)
+    result = classifier(frames, with_maps)
+    latencies, first = [], 0
+    map_rows = np.cumsum(with_maps) - 1  # row in result["gradcam"] of each shot with a map
+    for t in trains:
+        n = len(t.pulses)
+        rows = slice(first, first + n)
+        part = {k: result[k][rows] for k in ("probabilities", "classes")}
+        chosen = np.flatnonzero(with_maps[rows])
+        if len(chosen):
+            part.update(gradcam=result["gradcam"][map_rows[first + chosen]], gradcam_index=chosen)
+        if publisher:
+            publisher.publish(t.train_id, t.pulses, part)
+        latencies.append(time.monotonic() - t.received)
+        first += n
+    rows = {"bids": np.concatenate([np.full(len(t.pulses), t.train_id, np.int64) for t in trains]),
+            "pulses": np.concatenate([t.pulses for t in trains]),
+            "probs": result["probabilities"], "preds": result["classes"]}
+    if cfg.save_images:
+        rows["images"] = result["images"]
+    files.write(rows)
+    stats.add(len(frames), result["classes"], latencies)
+    return shots + len(frames)

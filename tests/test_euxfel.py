@@ -1,0 +1,82 @@
+"""EuXFEL detectors (nn/detectors.py) and run directories (nn/euxfel.py), on mock runs written with
+EXtra-data's own test writer; no model involved."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+from extra_data.tests.mockdata import write_file
+from extra_data.tests.mockdata.base import DeviceBase
+
+from conftest import make_cfg
+from nn import data, detectors, euxfel, simulate
+from nn.config import AiryNetError
+
+PNCCD = "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0"
+AGIPD = "SPB_DET_AGIPD1M-1/CAL/APPEND_CORRECTED"
+
+
+def write_pnccd_run(directory, images, first_train=10000):
+    """A CORR run with one pnCCD-like source (key data.image, one frame per train) holding `images`."""
+
+    class PnCCD(DeviceBase):
+        output_channels = ("output/data",)
+        instrument_keys = [("image", "f4", images.shape[1:])]
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "CORR-R0042-PNCCD01-S00000.h5")
+    write_file(path, [PnCCD(PNCCD)], ntrains=len(images), firsttrain=first_train, chunksize=len(images))
+    with h5py.File(path, "r+") as f:  # the writer leaves zeros: put the shots in
+        f[f"INSTRUMENT/{PNCCD}:output/data/image"][:len(images)] = images
+    return directory
+
+
+def test_pick_source_prefers_the_named_then_the_first_image_key():
+    train = {"A_XGM:output": {"data.intensity": 1}, "B:output": {"image.data": 2}, "C:output": {"data.image": 3}}
+    assert detectors.pick_source(train) == ("B:output", "image.data")
+    assert detectors.pick_source(train, source="C:output") == ("C:output", "data.image")
+    assert detectors.pick_source(train, key="data.intensity") == ("A_XGM:output", "data.intensity")
+    assert detectors.pick_source(train, "B:output", "data.image") is None
+
+
+def test_agipd_online_and_file_order_assemble_alike():
+    rng = np.random.default_rng(0)
+    file_order = rng.random((3, 16, 512, 128), np.float32)  # (pulses, modules, ss, fs)
+    online = file_order.transpose(1, 3, 2, 0)                 # (modules, fs, ss, pulses)
+    a, b = detectors.Detector(AGIPD, "image.data", file_order), detectors.Detector(AGIPD, "image.data", online)
+    assert (a.layout, b.layout) == ("file", "online")
+    frames = a.frames(file_order)
+    assert frames.shape[0] == 3 and frames.shape[1] > 1024 and frames.shape[2] > 1024
+    np.testing.assert_array_equal(frames, b.frames(online))
+    assert np.isfinite(frames).all() and frames.sum() == pytest.approx(file_order.sum(), rel=1e-4)
+    assert b.count(online[..., :2]) == 2 and b.problem(online[..., :2]) is None
+    assert "shape (16, 128, 500, 3)" in b.problem(online[:, :, :500])
+
+
+def test_pnccd_full_frame_is_assembled_small_frames_taken_as_stored():
+    full = detectors.Detector(PNCCD + ":output", "data.image", np.ones((1024, 1024), np.float32))
+    assert type(full.geometry).__name__ == "PNCCDGeometry" and full.frame_shape[1] == 1024
+    assert full.frame_shape[0] > 1024  # the gap between the two halves
+    small = detectors.Detector(PNCCD + ":output", "data.image", np.ones((64, 64), np.uint16))
+    assert small.geometry is None and small.frame_shape == (64, 64)
+    assert small.problem(np.ones((64, 64), np.complex64)) == "dtype complex64"
+    with pytest.raises(AiryNetError, match="neither frames"):
+        detectors.Detector("X/Y:out", "data.image", np.ones((2, 3, 4, 5, 6)))
+
+
+def test_run_directory_records_and_hook(tmp_path):
+    images, _ = simulate.simulate(5, seed=2, size=48)
+    root = tmp_path / "runs"
+    write_pnccd_run(str(root / "r0042"), images.astype(np.float32))
+    cfg = make_cfg(f"--data_dir={root}/", "--dataset=r0042", "--target_height=32", "--target_width=32")
+    assert euxfel.is_run_directory(data.dataset_dir(cfg)) and not euxfel.is_run_directory(str(tmp_path))
+    shots = list(euxfel.records(cfg, data.dataset_dir(cfg)).as_numpy_iterator())
+    assert (cfg.ori_height, cfg.ori_width) == (48, 48)
+    assert [s["bunch_id"] for s in shots] == list(range(10000, 10005)) and all(s["pulse"] == 0 for s in shots)
+    np.testing.assert_array_equal(np.stack([s["image"][..., 0] for s in shots]), images)
+    batches = list(data.dataset(cfg, "predict"))
+    assert batches[0]["image"].shape == (4, 32, 32, 1) and list(batches[1]["pulse"].numpy()) == [0]
+    with pytest.raises(AiryNetError, match="carries no labels"):
+        data.dataset(cfg, "train")
+    with pytest.raises(AiryNetError, match="no source with an image key"):
+        euxfel.open_run(make_cfg("--bridge_key=image.nothing"), data.dataset_dir(cfg))
