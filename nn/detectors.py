@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from nn.config import AiryNetError
+from nn.config import AiryNetError, first_line
 
 log = logging.getLogger("airynet")
 
@@ -165,4 +165,4 @@ def _geometry(cls, default, n_modules, geometry_file):
         return cls.from_crystfel_geom(geometry_file)
     except Exception as e:  # EXtra-geom and cfelpyutils raise many kinds for a bad file
         raise AiryNetError(f"--geometry={geometry_file}: not a CrystFEL geometry of a {cls.__name__[:-8]} "
-                           f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+                           f"({type(e).__name__}: {first_line(e)})") from e

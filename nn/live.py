@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from nn import config, detectors, euxfel
-from nn.config import AiryNetError
+from nn.config import AiryNetError, first_line
 # The inference API of --mode=predict, imported here only.
 from nn.predict import StackedWriter, TxtWriter, make_step, output_paths
 from nn.preprocess import preprocess
@@ -43,6 +43,9 @@ log = logging.getLogger("airynet")
 SOURCE = "AIRYNET/CLASSIFIER"
 STATUS_SECONDS = 5.0
 RECEIVE_TIMEOUT = 2.0  # seconds without data before the bridge connection is made anew
+# A frame waits for the batch in progress, then for its own: about two batch times from receipt to publish.
+# Batches are sized to take at most this long, so that latency stays near a second on any machine.
+BATCH_SECONDS = 0.45
 FILE_STEM = "live"
 
 Train = collections.namedtuple("Train", "train_id array pulses received")
@@ -188,8 +191,7 @@ class Classifier:
             self(np.zeros((1, *frame_shape), np.float32), np.ones(1, bool))
         except Exception as e:
             raise AiryNetError(f"--load_dir={cfg.load_dir}: the run's model cannot take frames of "
-                               f"{frame_shape[0]}x{frame_shape[1]} ({type(e).__name__}: "
-                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+                               f"{frame_shape[0]}x{frame_shape[1]} ({type(e).__name__}: {first_line(e)})") from e
 
     def __call__(self, frames, with_maps):
         """-> {"probabilities", "classes", "images"[, "gradcam" [M, ...] for the rows where with_maps]}."""
@@ -420,6 +422,7 @@ def _raise_receiver_error(receiver):
 def _loop(cfg, receiver, classifier, publisher, files, stats, until):
     shots = 0  # shots classified so far, for --gradcam_every
     next_status = time.monotonic() + STATUS_SECONDS
+    seconds_per_frame = None
     while not until() and not (cfg.live_trains and stats.trains >= cfg.live_trains):
         _raise_receiver_error(receiver)
         trains = receiver.take(timeout=0.2)
@@ -427,10 +430,18 @@ def _loop(cfg, receiver, classifier, publisher, files, stats, until):
             receiver.discard(trains[cfg.live_trains - stats.trains:])
             trains = trains[:cfg.live_trains - stats.trains]
         if trains:
-            shots = _classify(cfg, trains, receiver.detector, classifier, publisher, files, stats, shots)
+            started = time.monotonic()
+            done = _classify(cfg, trains, receiver.detector, classifier, publisher, files, stats, shots)
+            seconds_per_frame = _smoothed(seconds_per_frame, (time.monotonic() - started) / (done - shots))
+            receiver.capacity = int(np.clip(BATCH_SECONDS / seconds_per_frame, 1, cfg.batch_size))
+            shots = done
         if time.monotonic() >= next_status:
             log.info(stats.status(receiver))
             next_status += STATUS_SECONDS
+
+
+def _smoothed(average, value, weight=0.3):
+    return value if average is None else (1 - weight) * average + weight * value
 
 
 def _classify(cfg, trains, detector, classifier, publisher, files, stats, shots):

@@ -331,7 +331,7 @@ def test_make_dataset_writes_the_synthetic_shots(tmp_path):
             stored_labels = np.array([np.frombuffer(r.features.feature[tfrecord.LABEL_KEY].bytes_list.value[0], np.int16)
                                       for r in records])
         else:
-            readers = [data.CxiFile(f, cfg, needs_labels=True) for f in files]
+            readers = [cxi.open_cxi(f, cfg, needs_labels=True) for f in files]
             parts = [r.read(0, r.count) for r in readers]
             stored = np.concatenate([p[0] for p in parts])
             stored_labels = np.concatenate([p[1] for p in parts])
