@@ -320,3 +320,46 @@ def test_hdf5_file_that_is_not_cxi(tmp_path):
     with h5py.File(tmp_path / "h" / "x_train.h5", "w") as f:
         f["something"] = np.zeros(3)
     assert "x_train.h5: no shots found" in error_of(make_cfg(f"--data_dir={tmp_path}/", "--dataset=h"))
+
+
+def test_cxi_depth_is_checked_before_any_reading(cxi_dir):
+    """CXI images are gray: --ori_depth=3 is refused when the sources are checked, naming the file."""
+    message = error_of(make_cfg(f"--data_dir={cxi_dir}", "--dataset=stacked", "--ori_depth=3"))
+    assert "all.cxi: CXI images are gray" in message and "--ori_depth=3" in message
+
+
+def test_cxi_files_are_opened_once_and_closed_at_the_end(cxi_dir):
+    cfg = make_cfg(f"--data_dir={cxi_dir}", "--dataset=stacked")
+    data.dataset(cfg, "train")
+    data.dataset(cfg, "eval")  # the same unsplit file: the same reader
+    first = cxi.open_cxi(os.path.join(cxi_dir, "stacked", "all.cxi"), cfg, needs_labels=True)
+    assert first is cxi.open_cxi(os.path.join(cxi_dir, "stacked", "all.cxi"), cfg, needs_labels=False)
+    shots = cxi.open_cxi(os.path.join(cxi_dir, "shots", "run_eval.cxi"), cfg, needs_labels=True)
+    assert first.h5.id.valid and not shots.raw.closed
+    cxi.close_all()
+    assert not first.h5.id.valid and not shots.h5.id.valid and shots.raw.closed
+    assert cxi.open_cxi(os.path.join(cxi_dir, "stacked", "all.cxi"), cfg, needs_labels=True) is not first
+    cxi.close_all()
+
+
+def test_a_failed_cxi_read_reports_the_readers_own_error(tmp_path, shots):
+    """The error the user sees is the one the reader raised (file, shots, cause), not a parse of
+    TensorFlow's wrapping of it."""
+    os.makedirs(tmp_path / "cut")
+    path = str(tmp_path / "cut" / "a_eval.cxi")
+    images = shots[0][:6]
+    cxi.write_cxi_shots(path, images, shots[1][:6], np.arange(6))
+    with h5py.File(path, "a") as h5:  # shot 4's image is short: found only when that shot is read
+        del h5["entry_4/instrument_1/detector_1/data"]
+        h5["entry_4/instrument_1/detector_1/data"] = images[3][:30]
+    cfg = make_cfg(f"--data_dir={tmp_path}/", "--dataset=cut")
+    with pytest.raises(OSError) as direct:
+        cxi.open_cxi(path, cfg, needs_labels=True).read(0, 6)
+    cxi.take_failure()
+    ds = data.dataset(cfg, "eval", one_pass=True)
+    with pytest.raises(data.READ_ERRORS) as wrapped:
+        collect(ds)
+    reported = data.describe_failure(cfg, "eval", wrapped.value)
+    assert str(reported) == str(direct.value) and "a_eval.cxi: shots 0-5:" in str(reported)
+    assert cxi.take_failure() is None  # taken once, forgotten
+    cxi.close_all()
