@@ -186,6 +186,50 @@ def bench_train(args):
           f"({100 * (bare / loop - 1):+.1f}% time per step over the bare step)")
 
 
+def write_predict_data(args, n):
+    """A TFRecord of n synthetic shots with bunch IDs (the predict schema) and a run directory holding
+    an initialised network (checkpoint and config.json), both written once."""
+    from nn import train
+    from nn.networks import build_model
+    directory = os.path.join(args.work, f"predict{args.size}_{n}")
+    run_dir = os.path.join(args.work, f"run_resnet{args.resnet_size}_{args.target}")
+    if not os.path.isdir(directory):
+        images = np.concatenate([simulate.simulate(min(2000, n - start), 3, args.size, start=start)[0]
+                                 for start in range(0, n, 2000)])
+        os.makedirs(directory + ".tmp", exist_ok=True)
+        data.write_tfrecord(os.path.join(directory + ".tmp", "b_predict.tfrecord"), images, 1000 + np.arange(n))
+        os.replace(directory + ".tmp", directory)
+    if train.latest_checkpoint(run_dir) is None:
+        cfg = make_cfg(args, "--dataset=synthetic")
+        os.makedirs(run_dir, exist_ok=True)
+        tf.train.CheckpointManager(tf.train.Checkpoint(model=build_model(cfg)), run_dir,
+                                   checkpoint_name=train.CHECKPOINT_NAME, max_to_keep=1).save(0)
+        config.save_config(cfg, run_dir)
+    return directory, run_dir
+
+
+def cli_predict_flags(args, directory, run_dir, out_dir):
+    return ["--mode=predict", f"--load_dir={run_dir}", f"--data_dir={os.path.dirname(directory)}/",
+            f"--dataset={os.path.basename(directory)}", f"--predict_dir={out_dir}", "--overwrite=true",
+            f"--batch_size={args.batch_size}"]
+
+
+def cli_predict_rate(flags):
+    """Shots per second of one `airynet.py --mode=predict` in this process, from its own log line."""
+    import logging
+    import re
+    import airynet
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("airynet").addHandler(handler)
+    try:
+        assert airynet.main(flags) == 0
+    finally:
+        logging.getLogger("airynet").removeHandler(handler)
+    return float(next(re.search(r"\(([\d.]+) shots/s", m).group(1) for m in lines if m.startswith("Predicted")))
+
+
 def bench_predict(args):
     from nn import predict
     from nn.networks import build_model
