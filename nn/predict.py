@@ -244,7 +244,11 @@ class StackedWriter:
             if name in self.file:
                 ds = self.file[name]
                 ds.resize(self.rows + n, axis=0)
-                ds[self.rows:] = values
+                # A chunk per call: h5py holds its process-wide lock for the whole call, compression
+                # included, and an HDF5 input reader waits for it; per chunk it waits for one at most.
+                step = ds.chunks[0]
+                for i in range(0, n, step):
+                    ds[self.rows + i:self.rows + i + step] = values[i:i + step]
         self.rows += n
 
     def close(self):
