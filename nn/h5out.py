@@ -12,6 +12,7 @@ noise, so every lossless filter shrinks them by well under 2x and the filters di
 import queue
 import threading
 
+import hdf5plugin  # registers the plugin filters with HDF5, for writing and for reading the files back
 import numpy as np
 
 COMPRESSIONS = ("zstd", "lz4", "gzip")
@@ -25,7 +26,6 @@ def filter_options(compression):
     """h5py create_dataset keyword arguments for --h5_compression."""
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
-    import hdf5plugin  # registers the filters with HDF5
     if compression == "zstd":
         return dict(hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE))
     if compression == "lz4":

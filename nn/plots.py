@@ -12,6 +12,7 @@ Every PNG is written to a temporary name and renamed when complete.
 import os
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the filters of prediction files: --h5_compression)
 import matplotlib
 
 matplotlib.use("Agg")
