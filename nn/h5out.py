@@ -18,8 +18,8 @@ import numpy as np
 COMPRESSIONS = ("zstd", "lz4", "gzip")
 CHUNK_BYTES = 256 << 10  # target size of an HDF5 chunk of the small fields (uncompressed): many shots
                          # per chunk keeps the chunk index, which HDF5 caches in memory, small
-SHOT_BYTES = 16 << 10    # a shot this large (an image) gets chunks of one shot: reading one
-                         # shot back then decompresses nothing else
+SHOT_BYTES = 16 << 10    # rows this large (images) get chunks of one shot: reading one shot back
+                         # then decompresses nothing else
 
 
 def filter_options(compression):
