@@ -24,7 +24,7 @@ CONFIG_FILE = "config.json"
 # Flags that describe one invocation rather than the run: they are never taken from a saved config.
 PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "predict_dir", "overwrite",
                   "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "save_images", "save_conv",
-                  "h5_layout", "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile",
+                  "h5_layout", "h5_compression", "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile",
                   "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish", "publish_socket",
                   "gradcam_every", "live_trains", "live_seconds"}
 
@@ -158,6 +158,9 @@ def build_parser():
     g.add_argument("--h5_layout", type=str, default="stacked", choices=("stacked", "per_shot"),
                    help="Prediction HDF5 layout: chunked stacked datasets, or one group per shot "
                         "as the original wrote.")
+    g.add_argument("--h5_compression", type=str, default="zstd", choices=("zstd", "lz4", "gzip"),
+                   help="Filter of the stacked prediction HDF5: zstd (Blosc) or lz4 (bitshuffle) need "
+                        "`import hdf5plugin` to read; gzip is standard HDF5 (slower to write and read).")
     g.add_argument("--save_images", type=str2bool, default=True,
                    help="Store the network-input images in the stacked prediction HDF5 (the per_shot layout "
                         "always does).")

@@ -27,7 +27,6 @@ import queue
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +34,7 @@ import tensorflow as tf
 from nn import config, detectors, euxfel
 from nn.config import AiryNetError, first_line
 # The inference API of --mode=predict, imported here only.
+from nn.h5out import WriterThread
 from nn.predict import StackedWriter, TxtWriter, make_step, output_paths
 from nn.preprocess import preprocess
 
@@ -246,7 +246,8 @@ class Publisher:
 
 
 class Files:
-    """live.txt and live.h5 (stacked, SWMR) in --predict_dir, written by one background thread."""
+    """live.txt and live.h5 (stacked, SWMR) in --predict_dir, written by one background thread
+    (nn/h5out.py's WriterThread, as --mode=predict writes)."""
 
     def __init__(self, cfg):
         paths = output_paths(cfg.predict_dir, FILE_STEM)
@@ -266,15 +267,12 @@ class Files:
             fields["images"] = ("float32", (cfg.target_height, cfg.target_width, cfg.target_depth), {})
         attrs = {"source": "live", "bridge": cfg.bridge, "load_dir": cfg.load_dir}
         self.txt = TxtWriter(paths["txt"])
-        self.h5 = StackedWriter(paths["h5"], fields, config.class_names(cfg), attrs, swmr=True)
-        self.writer = ThreadPoolExecutor(1)
-        self.pending = None
+        self.h5 = StackedWriter(paths["h5"], fields, config.class_names(cfg), attrs, cfg.h5_compression, swmr=True)
+        self.writer = WriterThread(self._write)
 
     def write(self, rows):
-        """Queue one batch; at most one waits, so memory stays flat. A write error surfaces here."""
-        if self.pending:
-            self.pending.result()
-        self.pending = self.writer.submit(self._write, rows)
+        """Queue one batch (a bounded queue, so memory stays flat). A write error surfaces here."""
+        self.writer.put(rows)
 
     def _write(self, rows):
         self.txt.write(rows)
@@ -284,10 +282,8 @@ class Files:
     def close(self):
         """Finish the writes and give the files their final names (they hold every classified shot)."""
         try:
-            if self.pending:
-                self.pending.result()
+            self.writer.close()
         finally:
-            self.writer.shutdown()
             for w in (self.txt, self.h5):
                 w.close()
                 os.replace(w.tmp, w.path)

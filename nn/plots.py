@@ -14,6 +14,7 @@ choice and draws without a display. Every PNG is written to a temporary name and
 import os
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the filters of prediction files: --h5_compression)
 import matplotlib
 import numpy as np
 from matplotlib.colors import LogNorm

@@ -11,14 +11,13 @@ import contextlib
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import config, data, gradcam, networks, tfrecord
+from nn import config, data, gradcam, h5out, networks, tfrecord
 from nn.config import AiryNetError, first_line
 from nn.files import partial_name
 
@@ -26,9 +25,6 @@ log = logging.getLogger("airynet")
 
 TXT_HEADER = "Bunch_ID:\tClasses:\tProbabilities:\n"
 CXI_VERSION = 160
-GZIP = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
-CHUNK_BYTES = 256 << 10  # target size of an HDF5 chunk (uncompressed): several shots per chunk keeps
-                         # the chunk index, which HDF5 caches in memory, small
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,22 +191,24 @@ def format_txt_line(bid, flags, probs):
 
 class StackedWriter:
     """The stacked layout (see the module docstring). `fields`: name -> (dtype, shape per shot,
-    attributes); rows are appended with write({name: array [B, ...]})."""
+    attributes); rows are appended with write({name: array [B, ...]}). `compression`: one of
+    h5out.COMPRESSIONS."""
 
-    def __init__(self, path, fields, class_names, attrs, swmr=False):
+    def __init__(self, path, fields, class_names, attrs, compression="gzip", swmr=False):
         """swmr: write in HDF5's single-writer/multiple-reader mode, flushed after every batch, so that a
         viewer can read the file while it grows (--mode=live)."""
         self.path, self.tmp = path, partial_name(path)
         self.swmr = swmr
+        filters = h5out.filter_options(compression)
         self.file = h5py.File(self.tmp, "w", libver="latest" if swmr else "earliest")
         self.rows = 0
         f = self.file
-        f.attrs.update({"layout": "stacked", "class_names": class_names, **attrs})
+        f.attrs.update({"layout": "stacked", "class_names": class_names, **attrs, "h5_compression": compression,
+                        "h5_filters": h5out.describe(compression)})
         for name, (dtype, shape, attrs) in fields.items():
             shape = tuple(shape)
-            rows = int(np.clip(CHUNK_BYTES // (np.dtype(dtype).itemsize * int(np.prod(shape))), 1, 4096))
             f.create_dataset(name, shape=(0,) + shape, maxshape=(None,) + shape, dtype=dtype,
-                             chunks=(rows,) + shape, **GZIP).attrs.update(attrs)
+                             chunks=(h5out.chunk_rows(dtype, shape),) + shape, **filters).attrs.update(attrs)
         f["cxi_version"] = CXI_VERSION
         f["entry_1/result_1/score"] = h5py.SoftLink("/probs")
         f["entry_1/result_1/headings"] = np.array(class_names, dtype=h5py.string_dtype())
@@ -225,7 +223,11 @@ class StackedWriter:
             if name in self.file:
                 ds = self.file[name]
                 ds.resize(self.rows + n, axis=0)
-                ds[self.rows:] = values
+                # A chunk per call: h5py holds its process-wide lock for the whole call, compression
+                # included, and an HDF5 input reader waits for it; per chunk it waits for one at most.
+                step = ds.chunks[0]
+                for i in range(0, n, step):
+                    ds[self.rows + i:self.rows + i + step] = values[i:i + step]
         self.rows += n
         if self.swmr:
             self.file.flush()
@@ -352,7 +354,7 @@ def run(cfg, model, dataset=None):
     with_images = cfg.save_images or not stacked
     has_labels = "label" in dataset.element_spec
     names = config.class_names(cfg)
-    start, shots = time.perf_counter(), 0
+    start, shots, first_batch = time.perf_counter(), 0, None
     with _Outputs([]) as out:
         for kind, path in paths.items():
             with _naming(partial_name(path)):
@@ -365,42 +367,50 @@ def run(cfg, model, dataset=None):
                                      conv_shape(cfg, model) if cfg.save_conv else None)
                     if "pulse" in dataset.element_spec:  # sources with pulses (EuXFEL runs): (bunch ID, pulse)
                         fields["pulses"] = ("int64", (), {})
-                    out.writers.append(StackedWriter(path, fields, names, _attrs(cfg)))
+                    out.writers.append(StackedWriter(path, fields, names, _attrs(cfg), cfg.h5_compression))
                 else:
                     out.writers.append(PerShotWriter(path, names, _attrs(cfg), shard,
                                                      counter_names=tfrecord.is_one_hot_predict(cfg)))
-        # One writer thread: batch k is compressed and written while batch k + 1 is computed (TensorFlow
-        # releases the GIL). At most one batch waits, so memory stays flat; its errors surface here.
+        # Batches are compressed and written by one thread while the next ones are computed (TensorFlow
+        # and h5py release the GIL). At most two wait in its queue, so memory stays flat; a write error
+        # surfaces at the next batch, naming the file.
         with tqdm(unit="shot", desc=f"predict {os.path.basename(paths['h5'])}", dynamic_ncols=True,
-                  mininterval=2.0, disable=None) as bar, ThreadPoolExecutor(1) as writer:
-            pending = None
+                  mininterval=2.0, disable=None) as bar, h5out.WriterThread(out.write) as writer:
             for batch in _reading(cfg, dataset, from_files):
-                result = step(batch["image"])
-                rows = {"bids": batch["bunch_id"].numpy(), "probs": result["probabilities"].numpy(),
-                        "preds": result["classes"].numpy()}
-                if cfg.gradcam:
-                    rows["grad_cam"] = result["grad_cam"].numpy()
-                if cfg.save_conv:
-                    rows["conv"] = result["conv"].numpy()
-                if with_images:
-                    rows["images"] = batch["image"].numpy()
-                if has_labels:
-                    rows["labels"] = batch["label"].numpy()
-                if "pulse" in batch:
-                    rows["pulses"] = batch["pulse"].numpy()
-                if pending:
-                    pending.result()
-                pending = writer.submit(out.write, rows)
-                shots += len(rows["bids"])
-                bar.update(len(rows["bids"]))
-            if pending:
-                pending.result()
+                writer.put(_rows(step(batch["image"]), batch, with_images))
+                shots += len(batch["bunch_id"])
+                bar.update(len(batch["bunch_id"]))
+                if first_batch is None:
+                    first_batch = time.perf_counter(), shots  # the first call builds the graph
         out.commit()
-    seconds = time.perf_counter() - start
+    _log_rate(start, first_batch, shots, paths, shard)
+
+
+def _rows(result, batch, with_images):
+    """One batch of the network's results and its inputs as numpy arrays, named as the files name them."""
+    rows = {"bids": batch["bunch_id"].numpy(), "probs": result["probabilities"].numpy(),
+            "preds": result["classes"].numpy()}
+    for name in ("grad_cam", "conv"):  # present when --gradcam / --save_conv asked for them
+        if name in result:
+            rows[name] = result[name].numpy()
+    if with_images:
+        rows["images"] = batch["image"].numpy()
+    if "label" in batch:
+        rows["labels"] = batch["label"].numpy()
+    if "pulse" in batch:
+        rows["pulses"] = batch["pulse"].numpy()
+    return rows
+
+
+def _log_rate(start, first_batch, shots, paths, shard):
+    end = time.perf_counter()
     if shots == 0:
         log.warning("The predict data of shard %d of %d holds no shots; the files are empty", *shard)
-    log.info("Predicted %d shots in %.1f s (%.1f shots/s); wrote %s", shots, seconds, shots / seconds,
-             ", ".join(paths.values()))
+    steady = ""
+    if first_batch and shots > first_batch[1]:
+        steady = f", {(shots - first_batch[1]) / (end - first_batch[0]):.1f} after the first batch"
+    log.info("Predicted %d shots in %.1f s (%.1f shots/s%s); wrote %s", shots, end - start,
+             shots / (end - start), steady, ", ".join(paths.values()))
 
 
 def _reading(cfg, dataset, from_files):
@@ -496,7 +506,8 @@ def _merge_h5(path, sources, writers):
         rows = [name for name, ds in f0.items()  # the datasets with one row per shot
                 if isinstance(ds, h5py.Dataset) and ds.maxshape[:1] == (None,)]
         fields = {name: (f0[name].dtype, f0[name].shape[1:], dict(f0[name].attrs)) for name in rows}
-        writers.append(writer := StackedWriter(path, fields, names, attrs))
+        compression = str(f0.attrs.get("h5_compression", "gzip"))  # files written before the flag: gzip
+        writers.append(writer := StackedWriter(path, fields, names, attrs, compression))
         row_bytes = sum(f0[name].dtype.itemsize * int(np.prod(f0[name].shape[1:])) for name in rows)
         block = max(1, MERGE_BLOCK_BYTES // (row_bytes * len(files)))
         for start in range(0, len(f0["bids"]), block):

@@ -4,10 +4,12 @@
     python scripts/benchmark.py input      # TFRecord and CXI readers, 259x259 -> 224x224, batch 24
     python scripts/benchmark.py input --baseline   # ... and plain per-shot pipelines on the same data
     python scripts/benchmark.py train      # ResNet-18 224x224x1 batch 24: bare step vs the real loop
-    python scripts/benchmark.py predict    # ResNet-18 224x224x1 batch 24: without and with Grad-CAM++
+    python scripts/benchmark.py predict    # ResNet-18 224x224x1 batch 24: the step without and with Grad-CAM++,
+                                           # then airynet.py --mode=predict end to end for each output option
     python scripts/benchmark.py predict --compare_torch   # ... and the same net under torch.compile
     python scripts/benchmark.py live       # 1024x1024 pnCCD-like frames from a local Karabo bridge, classified
                                            # at 224x224 live vs offline predict of the same frames as a run
+    python scripts/benchmark.py h5         # HDF5 filters on predict outputs: write, size, read back
 
 Common flags: --size (stored), --target, --batch_size, --resnet_size, --steps; the data is synthetic,
 written once to --work (default /tmp/airynet-bench).
@@ -189,6 +191,58 @@ def bench_train(args):
           f"({100 * (bare / loop - 1):+.1f}% time per step over the bare step)")
 
 
+def write_predict_data(args, n):
+    """A TFRecord of n synthetic shots with bunch IDs (the predict schema) and a run directory holding
+    an initialised network (checkpoint and config.json), both written once."""
+    from nn import train
+    from nn.networks import build_model
+    directory = os.path.join(args.work, f"predict{args.size}_{n}")
+    run_dir = os.path.join(args.work, f"run_resnet{args.resnet_size}_{args.target}")
+    if not os.path.isdir(directory):
+        images = np.concatenate([simulate.simulate(min(2000, n - start), 3, args.size, start=start)[0]
+                                 for start in range(0, n, 2000)])
+        os.makedirs(directory + ".tmp", exist_ok=True)
+        data.write_tfrecord(os.path.join(directory + ".tmp", "b_predict.tfrecord"), images, 1000 + np.arange(n))
+        os.replace(directory + ".tmp", directory)
+    if train.latest_checkpoint(run_dir) is None:
+        cfg = make_cfg(args, "--dataset=synthetic")
+        os.makedirs(run_dir, exist_ok=True)
+        tf.train.CheckpointManager(tf.train.Checkpoint(model=build_model(cfg)), run_dir,
+                                   checkpoint_name=train.CHECKPOINT_NAME, max_to_keep=1).save(0)
+        config.save_config(cfg, run_dir)
+    return directory, run_dir
+
+
+def cli_predict_flags(args, directory, run_dir, out_dir):
+    return ["--mode=predict", f"--load_dir={run_dir}", f"--data_dir={os.path.dirname(directory)}/",
+            f"--dataset={os.path.basename(directory)}", f"--predict_dir={out_dir}", "--overwrite=true",
+            f"--batch_size={args.batch_size}"]
+
+
+def cli_predict_rate(flags):
+    """Shots per second of one `airynet.py --mode=predict` in this process, from its own log line."""
+    import logging
+    import re
+    import airynet
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("airynet").addHandler(handler)
+    try:
+        assert airynet.main(flags) == 0
+    finally:
+        logging.getLogger("airynet").removeHandler(handler)
+    line = next(m for m in lines if m.startswith("Predicted"))
+    return float(re.search(r"([\d.]+) after the first batch", line).group(1))
+
+
+# Output options timed end to end, and the step variant each one runs.
+CLI_OPTIONS = {"defaults (txt, h5 with maps and images)": ([], "with maps (layer size)"),
+               "--h5_compression=gzip": (["--h5_compression=gzip"], "with maps (layer size)"),
+               "--gradcam=false": (["--gradcam=false"], "without maps"),
+               "--gradcam=false --save_images=false": (["--gradcam=false", "--save_images=false"], "without maps")}
+
+
 def bench_predict(args):
     from nn import predict
     from nn.networks import build_model
@@ -200,10 +254,108 @@ def bench_predict(args):
         print(f"  {name:<28} {rate:8.1f} img/s")
     print(f"  with maps / without: {rates['with maps (layer size)'] / rates['without maps']:.2f}x (layer size), "
           f"{rates['with maps (resized)'] / rates['without maps']:.2f}x (resized)")
+    compiled = None
     if args.compare_torch:
         compiled = torch_inference_rate(cfg, args.steps)
         print(f"  PyTorch torch.compile, same net  {compiled:8.1f} img/s  "
               f"(AiryNet without maps: {rates['without maps'] / compiled:.2f}x)")
+    # End to end: airynet.py --mode=predict on a TFRecord, writing its files to a tmpfs where there is one,
+    # timed from its own log line after the first batch (which builds the graph). Each run follows a run of
+    # the step it uses, so that a neighbour's load on a shared machine hits both alike.
+    directory, run_dir = write_predict_data(args, args.predict_shots)
+    out_dir = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench-predict")
+    steps = {"with maps (layer size)": predict.make_step(cfg, model), "without maps": predict.make_step(cfg, model, None)}
+    images = tf.random.uniform([cfg.batch_size, cfg.target_height, cfg.target_width, cfg.target_depth], 0, 100)
+    results = []
+    for name, (flags, variant) in CLI_OPTIONS.items():
+        steps[variant](images)  # traced the first time
+        step_rate = images_per_second(lambda: steps[variant](images)["probabilities"].numpy(), args.steps,
+                                      args.batch_size)
+        rate = cli_predict_rate(cli_predict_flags(args, directory, run_dir, out_dir) + flags)
+        results.append((name, variant, rate, step_rate))
+    print(f"  airynet.py --mode=predict, {args.predict_shots} shots from a TFRecord, end to end "
+          f"(the step timed just before each run):")
+    for name, variant, rate, step_rate in results:
+        line = f"    {name:<42} {rate:8.1f} shots/s ({rate / step_rate:.2f}x the step {variant}, {step_rate:.1f}"
+        print(line + (f"; {rate / compiled:.2f}x torch.compile)" if compiled else ")"))
+
+
+def predict_outputs(args):
+    """{name: array} of what a default predict run stores for --predict_shots shots: the images as fed,
+    the Grad-CAM++ maps (float16) and the probabilities of an initialised network."""
+    from nn import predict, train
+    directory, run_dir = write_predict_data(args, args.predict_shots)
+    cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}",
+                   f"--load_dir={run_dir}")
+    model, _ = train.restore_model(cfg)
+    step = predict.make_step(cfg, model)
+    parts = []
+    for batch in data.dataset(cfg, "predict"):
+        result = step(batch["image"])
+        parts.append({"images": batch["image"].numpy(), "grad_cam": result["grad_cam"].numpy().astype(np.float16),
+                      "probs": result["probabilities"].numpy()})
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def h5_filters():
+    """The candidate filters: name -> h5py create_dataset keyword arguments."""
+    import hdf5plugin
+    blosc = hdf5plugin.Blosc
+    return {"gzip 1 + shuffle (--h5_compression=gzip)": {"compression": "gzip", "compression_opts": 1, "shuffle": True},
+            "gzip 4 + shuffle": {"compression": "gzip", "compression_opts": 4, "shuffle": True},
+            "lzf + shuffle": {"compression": "lzf", "shuffle": True},
+            "bitshuffle + LZ4 (--h5_compression=lz4)": dict(hdf5plugin.Bitshuffle(cname="lz4")),
+            "bitshuffle + Zstd": dict(hdf5plugin.Bitshuffle(cname="zstd")),
+            "Blosc LZ4 5 + shuffle": dict(blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE)),
+            "Blosc Zstd 1 + shuffle (default)": dict(blosc(cname="zstd", clevel=1, shuffle=blosc.SHUFFLE)),
+            "Blosc Zstd 1 + bitshuffle": dict(blosc(cname="zstd", clevel=1, shuffle=blosc.BITSHUFFLE)),
+            "Blosc2 Zstd 1 + shuffle": dict(hdf5plugin.Blosc2(cname="zstd", clevel=1, filters=hdf5plugin.Blosc2.SHUFFLE)),
+            "none": {}}
+
+
+def bench_h5(args):
+    """Write the outputs of a predict run with each filter as StackedWriter does (chunks from
+    nn.h5out.chunk_rows, batches of --batch_size), then read everything and single shots back."""
+    import h5py
+    from nn import h5out
+    outputs = predict_outputs(args)
+    path = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench.h5")
+    raw = sum(v.nbytes for v in outputs.values())
+    n = len(outputs["images"])
+    shots = np.random.default_rng(0).integers(0, n, 20)
+    print(f"predict outputs of {n} shots: images {outputs['images'].shape[1:]} float32, maps "
+          f"{outputs['grad_cam'].shape[1:]} float16, probs; {raw / n / 1e3:.0f} kB a shot uncompressed; "
+          f"best of {args.rounds} rounds")
+    print(f"  {'filter':<42} {'write MB/s':>10} {'size':>6} {'read all MB/s':>14} {'one shot ms':>12}")
+    for name, options in h5_filters().items():
+        best = [0.0, 0.0, 0.0, np.inf]
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            with h5py.File(path, "w") as f:
+                for key, values in outputs.items():
+                    f.create_dataset(key, shape=(0,) + values.shape[1:], maxshape=(None,) + values.shape[1:],
+                                     dtype=values.dtype, chunks=(h5out.chunk_rows(values.dtype, values.shape[1:]),)
+                                     + values.shape[1:], **options)
+                for first in range(0, n, args.batch_size):
+                    end = min(n, first + args.batch_size)
+                    for key, values in outputs.items():
+                        f[key].resize(end, axis=0)
+                        step = f[key].chunks[0]
+                        for i in range(first, end, step):
+                            f[key][i:min(end, i + step)] = values[i:min(end, i + step)]
+            written = time.perf_counter()
+            with h5py.File(path, "r") as f:
+                assert all(np.array_equal(f[k][:], v) for k, v in outputs.items())
+            read = time.perf_counter()
+            with h5py.File(path, "r") as f:
+                for i in shots:
+                    for key in outputs:
+                        f[key][i]
+            one = (time.perf_counter() - read) / len(shots)
+            best = [max(best[0], raw / (written - start) / 1e6), max(best[1], raw / os.path.getsize(path)),
+                    max(best[2], raw / (read - written) / 1e6), min(best[3], one * 1e3)]
+        print(f"  {name:<42} {best[0]:10.0f} {1 / best[1]:6.1%} {best[2]:14.0f} {best[3]:12.2f}", flush=True)
+    os.remove(path)
 
 
 class LogLines(list):
@@ -335,7 +487,7 @@ def torch_inference_rate(cfg, n_batches, repeats=3):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("input", "train", "predict", "live"))
+    p.add_argument("what", choices=("input", "train", "predict", "h5", "live"))
     p.add_argument("--size", type=int, default=259)
     p.add_argument("--target", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=24)
@@ -343,6 +495,7 @@ def main():
     p.add_argument("--num_worker", type=int, default=4)
     p.add_argument("--steps", type=int, help="Batches timed: input 60 a run (at most 102), train/predict 40.")
     p.add_argument("--rounds", type=int, default=5, help="Input: timed runs per pipeline.")
+    p.add_argument("--predict_shots", type=int, default=480, help="Predict: shots of each end-to-end run.")
     p.add_argument("--baseline", action="store_true",
                    help="Input: also time plain per-shot pipelines (tf.image ops; h5py generator) on the same data.")
     p.add_argument("--compare_torch", action="store_true",
@@ -355,7 +508,8 @@ def main():
         args.steps = 60 if args.what == "input" else 40
     if args.what == "live":
         args.rounds = min(args.rounds, 2)
-    {"input": bench_input, "train": bench_train, "predict": bench_predict, "live": bench_live}[args.what](args)
+    {"input": bench_input, "train": bench_train, "predict": bench_predict, "h5": bench_h5,
+     "live": bench_live}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import os
 
 import h5py
+import hdf5plugin
 import keras
 import numpy as np
 import pytest
@@ -91,7 +92,8 @@ def test_txt_and_stacked_h5(tmp_path):
         np.testing.assert_allclose(cams, gradcam.gradcam_plus_plus(model, images, "last_block_before_fc"),
                                    atol=1e-3)
         assert "labels" not in f
-        assert f["grad_cam"].compression == "gzip" and f["grad_cam"].chunks[1:] == (CLASSES, 8, 8)
+        assert f.attrs["h5_compression"] == "zstd" and "import hdf5plugin" in f.attrs["h5_filters"]
+        assert str(hdf5plugin.BLOSC_ID) in f["grad_cam"]._filters and f["grad_cam"].chunks[1:] == (CLASSES, 8, 8)
         assert list(f["grad_cam"].attrs["upsample_to"]) == [SIZE, SIZE]
         # The CXI view of the same data.
         assert f["cxi_version"][()] == 160
