@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import config, data, gradcam, networks
+from nn import checkpoints, config, data, gradcam, networks
 from nn.config import AiryNetError, first_line
 from nn.files import partial_name
 
@@ -39,10 +39,11 @@ def make_step(cfg, model, maps="layer"):
     None, "grad_cam" float32 [B, C, h, w]}: at the target layer's resolution ("layer") or resized to
     the input size ("resized")."""
     spec = tf.TensorSpec([None, cfg.target_height, cfg.target_width, cfg.target_depth], tf.float32)
+    thresholds = checkpoints.decision_thresholds(cfg)
 
     def outputs(logits):
         return {"probabilities": networks.probabilities(logits, cfg.single_label),
-                "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label), tf.uint8)}
+                "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label, thresholds), tf.uint8)}
 
     if maps is None:
         return tf.function(lambda images: outputs(model(images, training=False)), input_signature=[spec])
