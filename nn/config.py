@@ -17,6 +17,7 @@ HELIUM_CLASSES = ["spherical_oblate", "round", "elliptical", "prolate", "streak"
 RESNET_SIZES = (18, 34, 50, 101, 152, 200)
 VGG_SIZES = (16, 19)
 MODES = ("train", "eval", "predict", "save")
+MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment")
 CONFIG_FILE = "config.json"
 
 # Flags that describe one invocation rather than the run: they are never taken from a saved config.
@@ -114,6 +115,9 @@ def build_parser():
                         "weight decay, an average of the weights for inference, faster batch-norm averages, "
                         "area downsampling, rare classes weighted up, rotations, shifts and intensity scaling "
                         "(README, How well it learns).")
+    g.add_argument("--recipe_without", type=str, default="",
+                   help="Comma-separated pieces of --recipe=modern to leave out, for ablations: schedule, "
+                        "weight_decay, ema, bn_momentum, area, pos_weight, augment.")
     g.add_argument("--calibration_fraction", type=float, default=None,
                    help="Share of the training shots held out, never trained on, to choose each class's "
                         "decision threshold at the end of training (default 0.1 with --recipe=modern, else 0).")
@@ -214,6 +218,10 @@ def validate(cfg):
         raise AiryNetError(f"--lr={cfg.lr}: must be positive")
     if not 0 < cfg.fraction <= 1:
         raise AiryNetError(f"--fraction={cfg.fraction}: must be in (0, 1]")
+    unknown = set(filter(None, cfg.recipe_without.split(","))) - set(MODERN_PIECES)
+    if unknown:
+        raise AiryNetError(f"--recipe_without={cfg.recipe_without}: unknown pieces {sorted(unknown)}; "
+                           f"the pieces are {', '.join(MODERN_PIECES)}")
     if cfg.calibration_fraction is None:
         cfg.calibration_fraction = 0.1 if cfg.recipe == "modern" else 0.0
     if not 0 <= cfg.calibration_fraction <= 0.5:

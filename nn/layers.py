@@ -119,7 +119,7 @@ def batch_norm_act(x, name, *, axis, leakiness, momentum=BN_MOMENTUM):
 
 def batch_norm_act_for(cfg):
     """batch_norm_act() on the channel axis, with the leakiness and momentum that the flags set."""
-    momentum = recipe.BN_MOMENTUM if recipe.is_modern(cfg) else BN_MOMENTUM
+    momentum = recipe.BN_MOMENTUM if recipe.uses(cfg, "bn_momentum") else BN_MOMENTUM
     return functools.partial(batch_norm_act, axis=1 if cfg.use_nchw else -1, leakiness=cfg.relu_leakiness,
                              momentum=momentum)
 

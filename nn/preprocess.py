@@ -92,7 +92,7 @@ def preprocess(images, cfg, training=False, seed=None):
         images = images / 65535.0  # the uint16 range, as the original's image-dtype conversion did
     if training:
         images = random_flips(images, seed)
-        if recipe.is_modern(cfg):
+        if recipe.uses(cfg, "augment"):
             images = augment(images, tf.random.experimental.stateless_fold_in(seed, 1))
     if cfg.target_depth == 3 and cfg.ori_depth == 1:
         images = tf.image.grayscale_to_rgb(images)
@@ -109,7 +109,7 @@ def area_downsampling(cfg):
     the crop. A bilinear shrink by more than 2x reads only some of the pixels (2 of 4 per axis at 4x) and
     aliases the fine fringes of a pattern; at 2x or less it already uses every pixel."""
     crop_h, crop_w = crop_size(cfg.ori_height), crop_size(cfg.ori_width)
-    return recipe.is_modern(cfg) and (crop_h > 2 * cfg.target_height or crop_w > 2 * cfg.target_width)
+    return recipe.uses(cfg, "area") and (crop_h > 2 * cfg.target_height or crop_w > 2 * cfg.target_width)
 
 
 def augment(images, seed):

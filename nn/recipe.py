@@ -32,6 +32,12 @@ def is_modern(cfg):
     return cfg.recipe == "modern"
 
 
+def uses(cfg, piece):
+    """Whether the run uses this piece of the modern recipe (config.MODERN_PIECES; --recipe_without
+    leaves pieces out, for ablations)."""
+    return is_modern(cfg) and piece not in cfg.recipe_without.split(",")
+
+
 def learning_rate(base, train_steps):
     """Linear warm-up from 0 to `base`, then cosine decay to 0 at `train_steps`."""
     warmup = max(1, int(round(WARMUP_FRACTION * train_steps)))
@@ -39,10 +45,10 @@ def learning_rate(base, train_steps):
                                                   warmup_steps=warmup)
 
 
-def optimizer(schedule, momentum, model):
+def optimizer(schedule, momentum, model, weight_decay=WEIGHT_DECAY):
     """Nesterov SGD with decoupled weight decay on the kernels only: decaying biases and batch-norm
     scales towards 0 only fights the normalisation."""
-    sgd = keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True, weight_decay=WEIGHT_DECAY)
+    sgd = keras.optimizers.SGD(schedule, momentum=momentum, nesterov=True, weight_decay=weight_decay or None)
     sgd.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
     return sgd
 
@@ -86,7 +92,7 @@ class WeightAverage(tf.Module):
 
 def weight_average(cfg, model):
     """The run's WeightAverage, or None under the paper's recipe."""
-    return WeightAverage(model) if is_modern(cfg) else None
+    return WeightAverage(model) if uses(cfg, "ema") else None
 
 
 @contextlib.contextmanager

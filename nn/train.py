@@ -43,7 +43,7 @@ def learning_rate(cfg, replicas=1):
     """lr * global_batch / 128, divided by 10 at epochs 30, 60, 120 and 150."""
     global_batch = cfg.batch_size * replicas
     base = cfg.lr * global_batch / 128
-    if recipe.is_modern(cfg):
+    if recipe.uses(cfg, "schedule"):
         return recipe.learning_rate(base, cfg.train_steps)
     steps_per_epoch = cfg.dataset_size / global_batch
     boundaries = [int(round(e * steps_per_epoch)) for e in LR_EPOCHS]
@@ -52,7 +52,8 @@ def learning_rate(cfg, replicas=1):
 
 def make_optimizer(cfg, model, replicas=1):
     if recipe.is_modern(cfg):
-        optimizer = recipe.optimizer(learning_rate(cfg, replicas), cfg.gamma, model)
+        optimizer = recipe.optimizer(learning_rate(cfg, replicas), cfg.gamma, model,
+                                     recipe.WEIGHT_DECAY if recipe.uses(cfg, "weight_decay") else 0.0)
     else:
         optimizer = keras.optimizers.SGD(learning_rate(cfg, replicas), momentum=cfg.gamma, nesterov=True)
     if cfg.mixed_precision == "fp16":
@@ -142,7 +143,7 @@ def build_state(cfg, strategy, cluster, run_dir, resume_path):
         checkpoints.restore(checkpoint, resume_path, cfg)
     step = int(optimizer.iterations.numpy())
     pos_weight = None
-    if recipe.is_modern(cfg) and not cfg.single_label:
+    if recipe.uses(cfg, "pos_weight") and not cfg.single_label:
         frequencies = data.class_frequencies(cfg)
         pos_weight = recipe.positive_weights(frequencies)
         log.info("Positive-class weights (from class shares %s): %s", np.round(frequencies, 3).tolist(),
