@@ -81,7 +81,7 @@ class WeightAverage(tf.Module):
         n = self.updates.read_value()
         momentum = tf.minimum(EMA_MOMENTUM, n / (n + EMA_WARMUP))
         for average, v in zip(self.averages, variables):
-            average.assign(momentum * average + (1 - momentum) * tf.cast(v, average.dtype))
+            average.assign_sub((1 - momentum) * (average - tf.cast(v, average.dtype)))
         self.updates.assign_add(1.0)
 
     def copy_to(self, model):
