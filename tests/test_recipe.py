@@ -204,3 +204,16 @@ def test_thresholds_flag_is_checked():
         make_cfg("--thresholds=1.5")
     with pytest.raises(config.AiryNetError, match="--recipe_without"):
         make_cfg("--recipe_without=ema,nonsense")
+
+
+def test_exported_model_decides_by_the_run_thresholds(tfrecord_dir, tmp_path):
+    run_dir = train(tfrecord_dir, tmp_path, "x", "--recipe=modern", "--train_steps=1", "--steps_per_eval=1")
+    chosen = np.linspace(0.05, 0.95, 11)
+    with open(os.path.join(run_dir, checkpoints.THRESHOLDS_FILE), "w") as f:
+        json.dump({"thresholds": dict(zip(config.HELIUM_CLASSES, chosen.tolist()))}, f)
+    assert airynet.main(["--mode=save", f"--load_dir={run_dir}", f"--save_dir={tmp_path / 'export'}"]) == 0
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
+    images = np.random.default_rng(1).uniform(0, 500, (6, 40, 40, 1)).astype(np.float32)
+    out = loaded.signatures["serving_default"](images=tf.constant(images))
+    probs = out["probabilities"].numpy()
+    np.testing.assert_array_equal(out["classes"].numpy(), probs >= chosen.astype(np.float32))
