@@ -146,8 +146,8 @@ def build_state(cfg, strategy, cluster, run_dir, resume_path):
     if recipe.uses(cfg, "pos_weight") and not cfg.single_label:
         frequencies = data.class_frequencies(cfg)
         pos_weight = recipe.positive_weights(frequencies)
-        log.info("Positive-class weights (from class shares %s): %s", np.round(frequencies, 3).tolist(),
-                 np.round(pos_weight, 2).tolist())
+        log.info("Positive-class weights (from class shares %s): %s", [round(float(f), 3) for f in frequencies],
+                 [round(float(w), 2) for w in pos_weight])
     return State(model, optimizer, checkpoint, manager, step, average, pos_weight,
                  step if resume_path else None, time.time())
 
