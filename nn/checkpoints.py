@@ -3,18 +3,23 @@
 training code, so predict, export, eval and live sorting import this module, never nn.train.
 """
 import glob
+import json
 import logging
 import os
 import shutil
 
+import numpy as np
 import tensorflow as tf
 
+from nn import recipe
 from nn.config import AiryNetError, first_line
+from nn.files import atomic_file
 from nn.networks import build_model
 
 log = logging.getLogger("airynet")
 
 CHECKPOINT_NAME = "model.ckpt"
+THRESHOLDS_FILE = "thresholds.json"
 KEEP_CHECKPOINTS = 10
 
 
@@ -43,14 +48,45 @@ def restore(checkpoint, path, cfg, partial=False):
 
 
 def restore_model(cfg):
-    """-> (the network of the run in cfg.load_dir with its latest weights, their step)."""
+    """-> (the network of the run in cfg.load_dir with its latest weights, their step). A
+    --recipe=modern run gives the average of its weights, which is what it evaluated and calibrated."""
     path = latest_checkpoint(cfg.load_dir)
     if path is None:
         raise AiryNetError(f"--load_dir={cfg.load_dir}: no checkpoint ({CHECKPOINT_NAME}-STEP) found there")
     model = build_model(cfg)
-    restore(tf.train.Checkpoint(model=model), path, cfg, partial=True)
-    log.info("Restored %s (step %d)", path, step_of(path))
+    average = recipe.weight_average(cfg, model)
+    if average is None:
+        restore(tf.train.Checkpoint(model=model), path, cfg, partial=True)
+    else:
+        restore(tf.train.Checkpoint(model=model, ema=average), path, cfg, partial=True)
+        average.copy_to(model)
+    log.info("Restored %s (step %d%s)", path, step_of(path), ", averaged weights" if average else "")
     return model, step_of(path)
+
+
+def save_thresholds(run_dir, thresholds, names, step, shots):
+    with atomic_file(os.path.join(run_dir, THRESHOLDS_FILE)) as f:
+        json.dump({"step": step, "calibration_shots": shots,
+                   "thresholds": {name: float(t) for name, t in zip(names, thresholds)}}, f, indent=2)
+
+
+def decision_thresholds(cfg):
+    """The per-class thresholds [C] (float32) that --thresholds selects for the run in cfg.load_dir,
+    or None for the original rule (logit > 0, i.e. probability above 0.5)."""
+    if cfg.thresholds != "run":
+        value = float(cfg.thresholds)
+        return None if value == 0.5 else np.full(cfg.num_classes, value, np.float32)
+    path = os.path.join(cfg.load_dir, THRESHOLDS_FILE)
+    if not cfg.load_dir or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            thresholds = np.array(list(json.load(f)["thresholds"].values()), np.float32)
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise AiryNetError(f"{path}: cannot read the decision thresholds ({first_line(e)})") from e
+    if thresholds.shape != (cfg.num_classes,) or not np.all((thresholds > 0) & (thresholds < 1)):
+        raise AiryNetError(f"{path}: expected {cfg.num_classes} thresholds in (0, 1)")
+    return thresholds
 
 
 def make_manager(checkpoint, directory, keep=KEEP_CHECKPOINTS):

@@ -19,6 +19,7 @@ HELIUM_CLASSES = ["spherical_oblate", "round", "elliptical", "prolate", "streak"
 RESNET_SIZES = (18, 34, 50, 101, 152, 200)
 VGG_SIZES = (16, 19)
 MODES = ("train", "eval", "predict", "save", "live")
+MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment")
 CONFIG_FILE = "config.json"
 
 # Flags that describe one invocation rather than the run: they are never taken from a saved config.
@@ -26,7 +27,7 @@ PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "pr
                   "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "save_images", "save_conv",
                   "h5_layout", "h5_compression", "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile",
                   "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish", "publish_socket",
-                  "gradcam_every", "live_trains", "live_seconds"}
+                  "gradcam_every", "live_trains", "live_seconds", "thresholds"}
 
 
 class AiryNetError(Exception):
@@ -116,6 +117,17 @@ def build_parser():
                         "entry_1/data_1/labels, entry_1/labels, labels that exists).")
 
     g = p.add_argument_group("training")
+    g.add_argument("--recipe", type=str, default="paper", choices=("paper", "modern"),
+                   help="paper: the original's training, unchanged. modern: warm-up and cosine decay, decoupled "
+                        "weight decay, an average of the weights for inference, faster batch-norm averages, "
+                        "area downsampling, rare classes weighted up, rotations, shifts and intensity scaling "
+                        "(README, How well it learns).")
+    g.add_argument("--recipe_without", type=str, default="",
+                   help="Comma-separated pieces of --recipe=modern to leave out, for ablations: schedule, "
+                        "weight_decay, ema, bn_momentum, area, pos_weight, augment.")
+    g.add_argument("--calibration_fraction", type=float, default=None,
+                   help="Share of the training shots held out, never trained on, to choose each class's "
+                        "decision threshold at the end of training (default 0.1 with --recipe=modern, else 0).")
     g.add_argument("--train_steps", type=int, default=30000, help="Number of batches to train.")
     g.add_argument("--steps_per_eval", type=int, default=2500,
                    help="Train this many steps, then evaluate; repeat.")
@@ -154,6 +166,10 @@ def build_parser():
                    help="Where --mode=predict writes its files (created when missing).")
     g.add_argument("--overwrite", type=str2bool, default=False,
                    help="Allow replacing existing prediction files.")
+    g.add_argument("--thresholds", type=str, default="run",
+                   help="Decision rule of eval, predict and save: 'run' uses the run's thresholds.json where "
+                        "training wrote one (else 0.5); a number is one threshold for every class, and 0.5 is "
+                        "the original rule.")
     g.add_argument("--gradcam", type=str2bool, default=True, help="Compute Grad-CAM++ maps.")
     g.add_argument("--h5_layout", type=str, default="stacked", choices=("stacked", "per_shot"),
                    help="Prediction HDF5 layout: chunked stacked datasets, or one group per shot "
@@ -235,6 +251,21 @@ def validate(cfg):
         raise AiryNetError(f"--eval_steps={cfg.eval_steps}: must be a positive integer")
     if cfg.lr <= 0:
         raise AiryNetError(f"--lr={cfg.lr}: must be positive")
+    unknown = set(filter(None, cfg.recipe_without.split(","))) - set(MODERN_PIECES)
+    if unknown:
+        raise AiryNetError(f"--recipe_without={cfg.recipe_without}: unknown pieces {sorted(unknown)}; "
+                           f"the pieces are {', '.join(MODERN_PIECES)}")
+    if cfg.calibration_fraction is None:
+        cfg.calibration_fraction = 0.1 if cfg.recipe == "modern" else 0.0
+    if not 0 <= cfg.calibration_fraction <= 0.5:
+        raise AiryNetError(f"--calibration_fraction={cfg.calibration_fraction}: must be in [0, 0.5]")
+    if cfg.thresholds != "run":
+        try:
+            threshold = float(cfg.thresholds)
+        except ValueError:
+            threshold = -1.0
+        if not 0 < threshold < 1:
+            raise AiryNetError(f"--thresholds={cfg.thresholds}: must be 'run' or a number in (0, 1)")
     if cfg.mode == "save" and not cfg.save_dir:
         raise AiryNetError("--save_dir: --mode=save needs a directory to write the SavedModel to")
     validate_live(cfg)

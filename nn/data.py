@@ -66,10 +66,14 @@ def find_files(cfg, mode):
 # Synthetic
 
 def synthetic_range(cfg, mode):
-    """Shot indices of each split: train 0..dataset_size-1, eval and predict the held-out shots after."""
+    """Shot indices of each split: train 0..dataset_size-1 less the calibration shots, which are the
+    last ones of that range; eval and predict the held-out shots after."""
     n_eval = max(256, cfg.dataset_size // 8)
+    n_calibration = int(round(cfg.dataset_size * cfg.calibration_fraction))
     if mode == "train":
-        return 0, cfg.dataset_size
+        return 0, cfg.dataset_size - n_calibration
+    if mode == "calibrate":
+        return cfg.dataset_size - n_calibration, cfg.dataset_size
     return cfg.dataset_size, cfg.dataset_size + n_eval
 
 
@@ -95,6 +99,43 @@ def _synthetic_records(cfg, mode):
 
 
 # ----------------------------------------------------------------------------------------------
+# The calibration split of file data: every N-th training shot, N = round(1 / --calibration_fraction)
+
+def calibration_every(cfg):
+    return max(2, int(round(1 / cfg.calibration_fraction))) if cfg.calibration_fraction > 0 else 0
+
+
+def _split_calibration(records, cfg, kind, split, mode):
+    """Training records without the calibration shots (mode "train") or only them ("calibrate"). A
+    shot's rank among the training shots decides: CXI shots carry their index over the files (less
+    the --eval_every shots held out for eval when the files are unsplit), TFRecords are counted in the
+    order in which training reads them, which is the same on every pass."""
+    every = calibration_every(cfg)
+    if not every or mode not in ("train", "calibrate"):
+        return records
+    if kind == "cxi":
+        rank = lambda shot: shot["index"] - ((shot["index"] + 1) // cfg.eval_every if split else 0)
+        held = lambda shot: tf.equal(rank(shot) % every, every - 1)
+        return records.filter(held if mode == "calibrate" else lambda shot: tf.logical_not(held(shot)))
+    keep = (lambda i, _: tf.equal(i % every, every - 1)) if mode == "calibrate" else \
+        (lambda i, _: tf.not_equal(i % every, every - 1))
+    return records.enumerate().filter(keep).map(lambda _, record: record)
+
+
+def class_frequencies(cfg):
+    """Each class's share of positive training shots: the simulator's class shares for synthetic data,
+    else counted over the training labels (at most FREQUENCY_SHOTS of them, in file order)."""
+    kind, _, _ = find_files(cfg, "train")
+    if kind == "synthetic":
+        return np.asarray(simulate.CLASS_SHARES, np.float64)
+    counts, shots = 0.0, 0
+    for _, labels in dataset(cfg, "train", one_pass=True).take(max(1, FREQUENCY_SHOTS // cfg.batch_size)):
+        counts += labels.numpy().sum(axis=0)
+        shots += len(labels)
+    return np.asarray(counts, np.float64) / max(shots, 1)
+
+
+FREQUENCY_SHOTS = 20000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,16 +176,19 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
     input_context: a tf.distribute.InputContext; each input pipeline then reads its own share.
     """
     if one_pass is None:
-        one_pass = mode == "predict"
-    kind, files, split = check_sources(cfg, mode)
+        one_pass = mode in ("predict", "calibrate")
+    # The calibration split is read from the training files in the order training reads them.
+    kind, files, split = check_sources(cfg, "train" if mode == "calibrate" else mode)
+    in_order = one_pass and mode != "calibrate"
     if kind == "tfrecord":
-        records = tfrecord.records(files, cfg, one_pass)
+        records = tfrecord.records(files, cfg, in_order)
     elif kind == "cxi":
-        records = cxi.records(files, cfg, split, one_pass)
+        records = cxi.records(files, cfg, split, in_order)
     elif kind == "euxfel":
         records = euxfel.records(cfg, files[0])
     else:
         records = _synthetic_records(cfg, mode)
+    records = _split_calibration(records, cfg, kind, split, mode)
     shard_index, shard_count = shard
     if input_context is not None:
         shard_count *= input_context.num_input_pipelines

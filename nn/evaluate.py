@@ -17,6 +17,7 @@ log = logging.getLogger("airynet")
 
 def evaluate(cfg):
     model, step = checkpoints.restore_model(cfg)
+    thresholds = checkpoints.decision_thresholds(cfg)
     ds = data.dataset(cfg, "eval", one_pass=cfg.eval_steps is None)
     if cfg.eval_steps:
         ds = ds.take(cfg.eval_steps)
@@ -25,7 +26,7 @@ def evaluate(cfg):
     def forward(images):
         logits = model(images, training=False)
         return (networks.probabilities(logits, cfg.single_label),
-                networks.predicted_classes(logits, cfg.single_label))
+                networks.predicted_classes(logits, cfg.single_label, thresholds))
 
     counts, scores, truths, predicted = 0, [], [], []
     try:
@@ -43,14 +44,26 @@ def evaluate(cfg):
     names = config.class_names(cfg)
     result = {"step": step, "shots": int(sum(len(s) for s in scores)),
               **metrics.metrics_from_counts(counts, names)}
+    scores, truths = np.concatenate(scores), np.concatenate(truths)
+    for c, threshold, ece in zip(result["per_class"], _listed(thresholds, len(names)),
+                                 metrics.expected_calibration_error(scores, truths)):
+        c["threshold"], c["ece"] = threshold, float(ece)
     out_dir = os.path.join(cfg.load_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     with atomic_file(os.path.join(out_dir, "metrics.json")) as f:
         json.dump(result, f, indent=2)
     with atomic_file(os.path.join(out_dir, "scores.npz"), "wb") as f:
-        np.savez(f, probabilities=np.concatenate(scores), labels=np.concatenate(truths),
+        np.savez(f, probabilities=scores, labels=truths,
                  predictions=np.concatenate(predicted),  # the flags the metrics counted
                  class_names=np.array(names))
-    log.info("Eval of step %d over %d shots:\n%s", step, result["shots"], metrics.format_metrics(result))
+    rule = ("the original rule, probability > 0.5" if thresholds is None else
+            "probability >= threshold: " + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, thresholds)))
+    log.info("Eval of step %d over %d shots, decisions by %s:\n%s", step, result["shots"], rule,
+             metrics.format_metrics(result))
     log.info("Wrote %s and scores.npz", os.path.join(out_dir, "metrics.json"))
     return 0
+
+
+def _listed(thresholds, num_classes):
+    """Each class's threshold for metrics.json (None: the original rule, above 0.5)."""
+    return [None] * num_classes if thresholds is None else [float(t) for t in thresholds]

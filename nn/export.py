@@ -18,7 +18,7 @@ import tempfile
 
 import tensorflow as tf
 
-from nn import networks
+from nn import checkpoints, networks
 from nn.config import AiryNetError, first_line
 from nn.preprocess import preprocess
 
@@ -30,12 +30,13 @@ class Serving(tf.Module):
         super().__init__(name="airynet")
         self.model = model
         spec = tf.TensorSpec([None, cfg.ori_height, cfg.ori_width, cfg.ori_depth], tf.float32, name="images")
+        thresholds = checkpoints.decision_thresholds(cfg)
 
         @tf.function(input_signature=[spec])
         def serve(images):
             logits = model(preprocess(images, cfg, training=False), training=False)
             return {"probabilities": networks.probabilities(logits, cfg.single_label),
-                    "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label), tf.int32)}
+                    "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label, thresholds), tf.int32)}
 
         self.serve = serve
 

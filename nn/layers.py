@@ -10,6 +10,8 @@ import math
 import keras
 import tensorflow as tf
 
+from nn import recipe
+
 BN_MOMENTUM = 0.997
 BN_EPSILON = 1e-5
 # The output of the last block group, before pooling: Grad-CAM++'s target in both architectures (its
@@ -109,15 +111,17 @@ def activation(x, leakiness, name):
     return keras.layers.ReLU(name=name)(x)
 
 
-def batch_norm_act(x, name, *, axis, leakiness):
-    x = keras.layers.BatchNormalization(axis=axis, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, center=True,
+def batch_norm_act(x, name, *, axis, leakiness, momentum=BN_MOMENTUM):
+    x = keras.layers.BatchNormalization(axis=axis, momentum=momentum, epsilon=BN_EPSILON, center=True,
                                         scale=True, name=f"{name}_bn")(x)
     return activation(x, leakiness, f"{name}_act")
 
 
 def batch_norm_act_for(cfg):
-    """batch_norm_act() on the channel axis and with the leakiness that the flags set."""
-    return functools.partial(batch_norm_act, axis=1 if cfg.use_nchw else -1, leakiness=cfg.relu_leakiness)
+    """batch_norm_act() on the channel axis, with the leakiness and momentum that the flags set."""
+    momentum = recipe.BN_MOMENTUM if recipe.uses(cfg, "bn_momentum") else BN_MOMENTUM
+    return functools.partial(batch_norm_act, axis=1 if cfg.use_nchw else -1, leakiness=cfg.relu_leakiness,
+                             momentum=momentum)
 
 
 def stem_dtype(cfg):

@@ -60,3 +60,39 @@ def format_metrics(m):
         f1 = "n/a" if c["f1"] is None else f"{c['f1']:.4f}"
         lines.append(f"{c['name']:<18}{c['precision']:>10.4f}{c['recall']:>10.4f}{f1:>10}{c['support']:>10}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decision thresholds and calibration, from scores [N, C] and 0/1 labels [N, C]
+
+def best_f1_thresholds(probabilities, labels, default=0.5):
+    """Each class's threshold t that maximises its F1 with the rule `probability >= t`: halfway between
+    the lowest score called positive and the next lower score (or half of it), so that shots scored like
+    the calibration shots fall on the same side. `default` for a class without positives."""
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels) > 0.5
+    thresholds = np.full(probabilities.shape[1], default)
+    for c in range(probabilities.shape[1]):
+        order = np.argsort(-probabilities[:, c], kind="stable")
+        scores, positive = probabilities[order, c], labels[order, c]
+        if not positive.any():
+            continue
+        tp = np.cumsum(positive)                   # calling the first k + 1 shots positive
+        f1 = 2 * tp / (np.arange(1, len(scores) + 1) + positive.sum())
+        last = np.flatnonzero(np.append(scores[1:] != scores[:-1], True))  # only between distinct scores
+        k = last[np.argmax(f1[last])]
+        below = scores[k + 1] if k + 1 < len(scores) else 0.0
+        thresholds[c] = (scores[k] + below) / 2
+    return thresholds
+
+
+def expected_calibration_error(probabilities, labels, bins=10):
+    """Each class's expected calibration error [C]: over `bins` equal-width bins of the predicted
+    probability, the shot-weighted mean of |mean probability - share of positives| in the bin."""
+    probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels, np.float64)
+    which = np.minimum((probabilities * bins).astype(int), bins - 1)
+    errors = np.zeros(probabilities.shape[1])
+    for c in range(probabilities.shape[1]):
+        for b in np.unique(which[:, c]):
+            members = which[:, c] == b
+            errors[c] += members.sum() * abs(probabilities[members, c].mean() - labels[members, c].mean())
+    return errors / max(len(probabilities), 1)

@@ -33,8 +33,11 @@ def probabilities(logits, single_label):
     return tf.nn.softmax(logits) if single_label else tf.sigmoid(logits)
 
 
-def predicted_classes(logits, single_label):
-    """0/1 flags: round(sigmoid) for multi-label data, the arg-max one-hot for single-label data."""
+def predicted_classes(logits, single_label, thresholds=None):
+    """0/1 flags: round(sigmoid) for multi-label data, or `probability >= threshold` with per-class
+    `thresholds` [C] (the run's calibrated thresholds); the arg-max one-hot for single-label data."""
     if single_label:
         return tf.one_hot(tf.argmax(logits, axis=-1), tf.shape(logits)[-1])
+    if thresholds is not None:
+        return tf.cast(tf.sigmoid(logits) >= tf.constant(thresholds, tf.float32), tf.float32)
     return tf.cast(logits > 0.0, tf.float32)  # round(sigmoid(x)) without the rounding at exactly 0.5

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import config, data, gradcam, h5out, networks, tfrecord
+from nn import checkpoints, config, data, gradcam, h5out, networks, tfrecord
 from nn.config import AiryNetError, first_line
 from nn.files import partial_name
 
@@ -36,10 +36,11 @@ def make_step(cfg, model, maps="layer", conv=False):
     the input size ("resized"); with `conv`, also the target layer's activations "conv" float32
     [B, h, w, K]."""
     spec = tf.TensorSpec([None, cfg.target_height, cfg.target_width, cfg.target_depth], tf.float32)
+    thresholds = checkpoints.decision_thresholds(cfg)
 
     def outputs(logits):
         return {"probabilities": networks.probabilities(logits, cfg.single_label),
-                "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label), tf.uint8)}
+                "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label, thresholds), tf.uint8)}
 
     if maps is None and not conv:
         return tf.function(lambda images: outputs(model(images, training=False)), input_signature=[spec])

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import checkpoints, config, data, distribute, metrics, networks
+from nn import calibrate, checkpoints, config, data, distribute, metrics, networks, recipe
 from nn.config import AiryNetError
 
 log = logging.getLogger("airynet")
@@ -43,13 +43,19 @@ def learning_rate(cfg, replicas=1):
     """lr * global_batch / 128, divided by 10 at epochs 30, 60, 120 and 150."""
     global_batch = cfg.batch_size * replicas
     base = cfg.lr * global_batch / 128
+    if recipe.uses(cfg, "schedule"):
+        return recipe.learning_rate(base, cfg.train_steps)
     steps_per_epoch = cfg.dataset_size / global_batch
     boundaries = [int(round(e * steps_per_epoch)) for e in LR_EPOCHS]
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [base * f for f in LR_FACTORS])
 
 
 def make_optimizer(cfg, model, replicas=1):
-    optimizer = keras.optimizers.SGD(learning_rate(cfg, replicas), momentum=cfg.gamma, nesterov=True)
+    if recipe.is_modern(cfg):
+        optimizer = recipe.optimizer(learning_rate(cfg, replicas), cfg.gamma, model,
+                                     recipe.WEIGHT_DECAY if recipe.uses(cfg, "weight_decay") else 0.0)
+    else:
+        optimizer = keras.optimizers.SGD(learning_rate(cfg, replicas), momentum=cfg.gamma, nesterov=True)
     if cfg.mixed_precision == "fp16":
         # float16 gradients underflow: scale the loss up and the gradients back down. Steps whose
         # gradients overflow are skipped and halve the scale (a few at the start, while it settles).
@@ -59,11 +65,14 @@ def make_optimizer(cfg, model, replicas=1):
     return optimizer
 
 
-def loss_terms(cfg, model, labels, logits, global_batch):
-    """Cross-entropy + mean of the per-layer L1/L2 penalties (+ weight decay), scaled for tf.distribute:
-    each replica returns its share of the global-batch average, so summing over replicas gives it."""
+def loss_terms(cfg, model, labels, logits, global_batch, pos_weight=None):
+    """Cross-entropy (positives weighted by `pos_weight` [C] where given) + mean of the per-layer L1/L2
+    penalties (+ weight decay), scaled for tf.distribute: each replica returns its share of the
+    global-batch average, so summing over replicas gives it."""
     if cfg.single_label:
         per_example = tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+    elif pos_weight is not None:
+        per_example = tf.reduce_mean(tf.nn.weighted_cross_entropy_with_logits(labels, logits, pos_weight), axis=-1)
     else:
         per_example = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels, logits), axis=-1)
     cross_entropy = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
@@ -96,6 +105,8 @@ class State:
     checkpoint: tf.train.Checkpoint
     manager: tf.train.CheckpointManager
     step: int
+    average: recipe.WeightAverage = None  # --recipe=modern's average of the weights, for inference
+    pos_weight: np.ndarray = None  # --recipe=modern's weights of the positive labels
     saved_step: int = None  # the step of the newest checkpoint written or restored
     last_save: float = 0.0  # time.time() of the newest checkpoint (or of the start), for the hourly save
 
@@ -114,9 +125,11 @@ def build_state(cfg, strategy, cluster, run_dir, resume_path):
     with strategy.scope():
         model = networks.build_model(cfg)
         optimizer = make_optimizer(cfg, model, strategy.num_replicas_in_sync)
+        average = recipe.weight_average(cfg, model)
         # The SGD is saved, not the fp16 loss-scale wrapper around it, so that a run can be resumed
         # with any --mixed_precision; a resumed fp16 run starts its loss scale afresh.
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=getattr(optimizer, "inner_optimizer", optimizer))
+        saved = {"model": model, "optimizer": getattr(optimizer, "inner_optimizer", optimizer)}
+        checkpoint = tf.train.Checkpoint(**saved, **({"ema": average} if average is not None else {}))
     # Only the chief keeps checkpoints; the other workers must still save (a collective op) but
     # into a private temporary directory, removed at exit (kept at --log_level=DEBUG, for inspection).
     ckpt_dir = run_dir if cluster.is_chief else tempfile.mkdtemp(prefix="airynet-worker-")
@@ -129,7 +142,14 @@ def build_state(cfg, strategy, cluster, run_dir, resume_path):
     if resume_path:
         checkpoints.restore(checkpoint, resume_path, cfg)
     step = int(optimizer.iterations.numpy())
-    return State(model, optimizer, checkpoint, manager, step, step if resume_path else None, time.time())
+    pos_weight = None
+    if recipe.uses(cfg, "pos_weight") and not cfg.single_label:
+        frequencies = data.class_frequencies(cfg)
+        pos_weight = recipe.positive_weights(frequencies)
+        log.info("Positive-class weights (from class shares %s): %s", [round(float(f), 3) for f in frequencies],
+                 [round(float(w), 2) for w in pos_weight])
+    return State(model, optimizer, checkpoint, manager, step, average, pos_weight,
+                 step if resume_path else None, time.time())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,10 +173,12 @@ def step_functions(cfg, strategy, state):
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            terms = loss_terms(cfg, model, labels, logits, global_batch)
+            terms = loss_terms(cfg, model, labels, logits, global_batch, state.pos_weight)
             scaled_loss = optimizer.scale_loss(terms["loss"])  # the loss itself unless fp16
         grads = tape.gradient(scaled_loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        if state.average is not None:
+            state.average.update(model.trainable_variables)
         counts = confusion_counts(labels, networks.predicted_classes(logits, cfg.single_label))
         return terms, counts
 
@@ -235,11 +257,15 @@ def train(cfg):
             throughput.pause(state.step)
             state.last_save = state.save(f"end of chunk at step {state.step}", cluster.is_chief)
             bar.clear()
-            evaluate_chunk(cfg, steps.eval, eval_iter, stop, logger, state.step)
+            with recipe.averaged_weights(state.model, state.average):
+                evaluate_chunk(cfg, steps.eval, eval_iter, stop, logger, state.step)
             throughput.resume(state.step)
     logger.close()
     if exit_code == 0:
         log.info("Training finished at step %d; run directory %s", state.step, run_dir)
+        if cluster.is_chief and cfg.calibration_fraction > 0 and not cfg.single_label:
+            with recipe.averaged_weights(state.model, state.average):
+                calibrate.calibrate(cfg, state.model, run_dir, state.step)
     if throughput.seconds > 0:
         log.info("Training throughput %.1f img/s over %d steps (logging and summaries included; the first "
                  "call, which traces the graph, evaluation and checkpoints excluded)", throughput.rate(),

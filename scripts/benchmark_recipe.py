@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Time per training step of --recipe=paper and --recipe=modern, printed (never asserted).
+
+    python scripts/benchmark_recipe.py --size=259 --target=64 --rounds=6 --steps=10
+
+Each recipe's step is what nn/train.py runs: preprocessing of raw uint16 shots in training mode (the
+modern recipe's area downsampling, rotations, shifts and intensity scaling included), forward and
+backward pass, the optimizer and, under modern, the update of the averaged weights. The two take turns
+round by round, so that a neighbour's load on the CPU hits them alike; the median round is reported.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from nn import config, networks, recipe, simulate, train  # noqa: E402
+from nn.preprocess import preprocess  # noqa: E402
+
+
+def make_step(cfg, shots, labels):
+    model = networks.build_model(cfg)
+    optimizer = train.make_optimizer(cfg, model)
+    average = recipe.weight_average(cfg, model)
+    pos_weight = recipe.positive_weights(simulate.CLASS_SHARES) if recipe.uses(cfg, "pos_weight") else None
+
+    @tf.function
+    def step(i):
+        images = preprocess(shots, cfg, training=True, seed=tf.stack([tf.constant(0, tf.int64), i]))
+        with tf.GradientTape() as tape:
+            terms = train.loss_terms(cfg, model, labels, model(images, training=True), cfg.batch_size, pos_weight)
+        grads = tape.gradient(terms["loss"], model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        if average is not None:
+            average.update(model.trainable_variables)
+        return terms["loss"]
+
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=259)
+    p.add_argument("--target", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=10, help="Steps per round.")
+    args = p.parse_args()
+    images, labels = simulate.simulate(args.batch_size, 0, args.size)
+    shots = tf.constant(images[..., None])
+    labels = tf.constant(labels, tf.float32)
+    steps = {}
+    for name in ("paper", "modern"):
+        cfg = config.parse_args([f"--ori_width={args.size}", f"--ori_height={args.size}", f"--target_width={args.target}",
+                                 f"--target_height={args.target}", f"--batch_size={args.batch_size}",
+                                 "--use_nchw=false", f"--recipe={name}"])
+        steps[name] = make_step(cfg, shots, labels)
+        steps[name](tf.constant(0, tf.int64)).numpy()  # trace
+    times = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for i in range(args.steps):
+                loss = step(tf.constant(r * args.steps + i + 1, tf.int64))
+            loss.numpy()
+            times[name].append((time.perf_counter() - start) / args.steps)
+    paper, modern = np.median(times["paper"]), np.median(times["modern"])
+    print(f"{args.size} px -> {args.target} px, batch {args.batch_size}, median of {args.rounds} rounds of "
+          f"{args.steps} steps: paper {paper * 1000:.0f} ms/step, modern {modern * 1000:.0f} ms/step, "
+          f"modern / paper {modern / paper:.3f}")
+    ratios = np.array(times["modern"]) / np.array(times["paper"])
+    print("per-round ratios:", " ".join(f"{r:.3f}" for r in ratios))
+
+
+if __name__ == "__main__":
+    main()
