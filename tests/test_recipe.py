@@ -44,15 +44,17 @@ def cross_entropies(run_dir):
 
 def test_paper_recipe_is_unchanged(tfrecord_dir, tmp_path):
     """The losses and every weight after 3 steps match what the code computed before --recipe existed
-    (tests/data/paper_recipe_3_steps.json). The losses repeat exactly; CPU convolutions sum in an order
-    that varies from run to run, which moves the weights by about 1e-7 of their size."""
+    (tests/data/paper_recipe_3_steps.json), to float32 rounding: CPU convolutions sum in an order that
+    varies from run to run (with the machine's load), which moves losses and weights by about 1e-7 of
+    their size; any change to the recipe moves them by far more."""
     with open(os.path.join(HERE, "data", "paper_recipe_3_steps.json")) as f:
         reference = json.load(f)
     run_dir = train(tfrecord_dir, tmp_path, "p", "--train_steps=3", "--steps_per_eval=3")
-    np.testing.assert_allclose(cross_entropies(run_dir), reference["cross_entropy"], rtol=1e-6)
+    np.testing.assert_allclose(cross_entropies(run_dir), reference["cross_entropy"], rtol=1e-5)
     cfg, model = restored(run_dir)
     squares = [float(np.sum(np.asarray(w.numpy(), np.float64) ** 2)) for w in model.weights]
-    np.testing.assert_allclose(squares, reference["sum_of_squares"], rtol=1e-5)
+    # Sums of squares near 1e-6 (weights the 3 steps barely moved) differ by float32 rounding, ~1e-11.
+    np.testing.assert_allclose(squares, reference["sum_of_squares"], rtol=1e-5, atol=1e-9)
     assert not os.path.exists(os.path.join(run_dir, checkpoints.THRESHOLDS_FILE))
     assert checkpoints.decision_thresholds(cfg) is None and cfg.calibration_fraction == 0
     names = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir)).get_variable_to_shape_map()
@@ -162,7 +164,7 @@ def test_modern_restores_averaged_weights_and_resumes(tfrecord_dir, tmp_path):
 def read_txt_flags(path):
     with open(path) as f:
         lines = f.read().splitlines()[1:]
-    return np.array([[int(v) for v in line.split("\t")[1].strip("[]").split()] for line in lines])
+    return np.array([[int(v) for v in line.split("\t")[1].split(", ")] for line in lines])
 
 
 def test_thresholds_are_written_and_decide_eval_and_predict(tfrecord_dir, tmp_path):
