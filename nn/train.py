@@ -178,7 +178,7 @@ def step_functions(cfg, strategy, state):
         grads = tape.gradient(scaled_loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         if state.average is not None:
-            state.average.update(model.trainable_variables)
+            state.average.update(model.trainable_variables, optimizer.iterations)
         counts = confusion_counts(labels, networks.predicted_classes(logits, cfg.single_label))
         return terms, counts
 
