@@ -69,16 +69,14 @@ class WeightAverage(tf.Module):
     updated after every EMA_EVERY-th optimizer step, starting with the first.
 
     momentum min(EMA_MOMENTUM, n / (n + EMA_WARMUP)) at the n-th update, so the first update copies the
-    weights and the average never holds the random initialisation for long in a short run. The
-    variables take the first replica's value under tf.distribute (every replica holds the same weights
-    after a step)."""
+    weights and the average never holds the random initialisation for long in a short run. Under
+    tf.distribute it is updated outside the replicas (in cross-replica context), from the weights that
+    every replica holds alike after a step."""
 
     def __init__(self, model):
         super().__init__(name="ema")
-        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
-        self.averages = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, aggregation=first)
-                         for v in model.trainable_variables]
-        self.updates = tf.Variable(0.0, trainable=False, aggregation=first)
+        self.averages = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in model.trainable_variables]
+        self.updates = tf.Variable(0.0, trainable=False)
 
     def update(self, variables, step):
         """After optimizer step `step` (1 after the first): update every EMA_EVERY-th step."""
