@@ -23,8 +23,10 @@ WARMUP_FRACTION = 0.05
 # the usual coupled L2 of 5e-4 (which momentum amplifies tenfold).
 WEIGHT_DECAY = 5e-3
 BN_MOMENTUM = 0.9
-EMA_MOMENTUM = 0.99     # an average over about the last 100 steps...
-EMA_WARMUP = 10         # ...after a warm-up in which the average follows the weights closely
+EMA_EVERY = 4           # the average is updated every 4th step (steps 1, 5, 9, ...): a pass over every
+                        # weight per step costs several per cent of a step on a CPU (README, Performance)
+EMA_MOMENTUM = 0.96     # per update: an average over about the last 100 steps...
+EMA_WARMUP = 10         # ...after a warm-up of a few updates, in which it follows the weights closely
 MAX_POSITIVE_WEIGHT = 10.0
 
 
@@ -63,26 +65,29 @@ def positive_weights(frequencies):
 
 
 class WeightAverage(tf.Module):
-    """An exponential moving average of a model's trainable weights, saved in the checkpoint as `ema`.
+    """An exponential moving average of a model's trainable weights, saved in the checkpoint as `ema`,
+    updated after every EMA_EVERY-th optimizer step, starting with the first.
 
     momentum min(EMA_MOMENTUM, n / (n + EMA_WARMUP)) at the n-th update, so the first update copies the
-    weights and the average never holds the random initialisation for long in a short run. The
-    variables take the first replica's value under tf.distribute (every replica holds the same weights
-    after a step)."""
+    weights and the average never holds the random initialisation for long in a short run. Under
+    tf.distribute it is updated outside the replicas (in cross-replica context), from the weights that
+    every replica holds alike after a step."""
 
     def __init__(self, model):
         super().__init__(name="ema")
-        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
-        self.averages = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, aggregation=first)
-                         for v in model.trainable_variables]
-        self.updates = tf.Variable(0.0, trainable=False, aggregation=first)
+        self.averages = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in model.trainable_variables]
+        self.updates = tf.Variable(0.0, trainable=False)
 
-    def update(self, variables):
+    def update(self, variables, step):
+        """After optimizer step `step` (1 after the first): update every EMA_EVERY-th step."""
+        tf.cond(tf.equal((step - 1) % EMA_EVERY, 0), lambda: self._update(variables), self.updates.read_value)
+
+    def _update(self, variables):
         n = self.updates.read_value()
         momentum = tf.minimum(EMA_MOMENTUM, n / (n + EMA_WARMUP))
         for average, v in zip(self.averages, variables):
             average.assign_sub((1 - momentum) * (average - tf.cast(v, average.dtype)))
-        self.updates.assign_add(1.0)
+        return self.updates.assign_add(1.0)
 
     def copy_to(self, model):
         """Give the model the averaged weights (for inference)."""

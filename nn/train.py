@@ -177,8 +177,6 @@ def step_functions(cfg, strategy, state):
             scaled_loss = optimizer.scale_loss(terms["loss"])  # the loss itself unless fp16
         grads = tape.gradient(scaled_loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        if state.average is not None:
-            state.average.update(model.trainable_variables)
         counts = confusion_counts(labels, networks.predicted_classes(logits, cfg.single_label))
         return terms, counts
 
@@ -193,6 +191,8 @@ def step_functions(cfg, strategy, state):
         counts = tf.zeros([cfg.num_classes, 4], tf.float64)
         for _ in tf.range(n):
             terms, step_counts = strategy.run(replica_step, args=next(iterator))
+            if state.average is not None:  # outside the replicas: every replica holds the same weights
+                state.average.update(model.trainable_variables, optimizer.iterations)
             finite = tf.math.is_finite(sum_replicas(terms["loss"]))
             if not finite:
                 break

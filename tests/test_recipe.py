@@ -143,9 +143,10 @@ def test_augmentation_rotates_about_the_centre_and_scales_intensity():
 
 
 def test_modern_restores_averaged_weights_and_resumes(tfrecord_dir, tmp_path):
-    run_dir = train(tfrecord_dir, tmp_path, "m", "--recipe=modern", "--train_steps=3", "--steps_per_eval=3")
+    run_dir = train(tfrecord_dir, tmp_path, "m", "--recipe=modern", "--train_steps=3", "--steps_per_eval=3",
+                    "--lr=0.5")
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir))
-    assert reader.get_tensor("ema/updates/.ATTRIBUTES/VARIABLE_VALUE") == 3
+    assert reader.get_tensor("ema/updates/.ATTRIBUTES/VARIABLE_VALUE") == 1   # after steps 1 (and 5, 9, ...)
     _, model = restored(run_dir)
     averages = [reader.get_tensor(f"ema/averages/{i}/.ATTRIBUTES/VARIABLE_VALUE")
                 for i in range(len(model.trainable_variables))]
@@ -155,10 +156,10 @@ def test_modern_restores_averaged_weights_and_resumes(tfrecord_dir, tmp_path):
         np.testing.assert_array_equal(v.numpy(), a)
     assert any(not np.allclose(a, r) for a, r in zip(averages, raw))   # the average is not the last step
     # Resume: the step counter and the average's update count continue.
-    assert airynet.main(["--mode=train", f"--load_dir={run_dir}", "--train_steps=5", "--steps_per_eval=5"]) == 0
+    assert airynet.main(["--mode=train", f"--load_dir={run_dir}", "--train_steps=6", "--steps_per_eval=6"]) == 0
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir))
-    assert tf.train.latest_checkpoint(run_dir).endswith("model.ckpt-5")
-    assert reader.get_tensor("ema/updates/.ATTRIBUTES/VARIABLE_VALUE") == 5
+    assert tf.train.latest_checkpoint(run_dir).endswith("model.ckpt-6")
+    assert reader.get_tensor("ema/updates/.ATTRIBUTES/VARIABLE_VALUE") == 2   # steps 1 and 5
 
 
 def read_txt_flags(path):
