@@ -21,6 +21,7 @@ VGG_SIZES = (16, 19)
 MODES = ("train", "eval", "predict", "save", "live")
 MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment")
 CONFIG_FILE = "config.json"
+FRACTIONS = (0.25, 0.5, 0.75)  # --fraction's choices, as the 2018 original's parser had them
 
 # Flags that describe one invocation rather than the run: they are never taken from a saved config.
 PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "predict_dir", "overwrite",
@@ -104,7 +105,7 @@ def build_parser():
     g.add_argument("--fraction_mode", type=str2bool, default=False,
                    help="Train and predict on the fraction-of-data files *{mode}*{fraction with _ for .}"
                         ".tfrecord (e.g. *train*0_25.tfrecord); eval reads *eval.tfrecord.")
-    g.add_argument("--fraction", type=float, default=0.25, choices=(0.25, 0.5, 0.75),
+    g.add_argument("--fraction", type=float, default=0.25, choices=FRACTIONS,
                    help="The fraction used by --fraction_mode.")
     g.add_argument("--eval_every", type=int, default=10,
                    help="For a dataset held in one file for all modes: every Nth shot is held out "
@@ -331,6 +332,7 @@ def merge_run_config(cfg, run_dir):
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise AiryNetError(f"{path}: cannot read the saved run config ({e})")
+    saved = _upgraded(saved)
     differing, taken = [], {}
     for key, value in saved.items():
         if key in PER_INVOCATION or not hasattr(cfg, key):
@@ -345,6 +347,15 @@ def merge_run_config(cfg, run_dir):
     for key, value in taken.items():
         setattr(cfg, key, value)
     return differing
+
+
+def _upgraded(saved):
+    """A run config saved by an earlier version of AiryNet, in today's terms."""
+    saved = dict(saved)
+    saved.setdefault("sim_version", 1)  # before --sim_version there was only the first simulator
+    if not saved.get("fraction_mode") and saved.get("fraction") not in FRACTIONS:
+        saved.pop("fraction", None)  # 1.0, the earlier default, which nothing reads without --fraction_mode
+    return saved
 
 
 JSON_TYPES = {str2bool: (bool, "true or false"), str: (str, "a string"), int: (int, "an integer"),

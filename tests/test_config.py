@@ -130,3 +130,18 @@ def test_save_conv_is_per_invocation(tmp_path):
     cfg = config.parse_args(["--mode=predict", f"--load_dir={tmp_path}"])
     config.merge_run_config(cfg, str(tmp_path))
     assert cfg.save_conv is False and "save_conv" in config.PER_INVOCATION
+
+
+def test_a_run_saved_by_an_earlier_version_still_loads(tmp_path):
+    """Runs saved before --sim_version and the original's --fraction choices: their simulator was the
+    first, and their fraction (1.0, the earlier default) was read by nothing without --fraction_mode."""
+    saved = {k: v for k, v in vars(config.parse_args([])).items() if k not in ("explicit", "sim_version")}
+    saved["fraction"] = 1.0
+    (tmp_path / config.CONFIG_FILE).write_text(json.dumps(saved))
+    cfg = config.parse_args(["--mode=predict", f"--load_dir={tmp_path}"])
+    config.merge_run_config(cfg, str(tmp_path))
+    assert cfg.sim_version == 1 and cfg.fraction == 0.25
+    saved["fraction_mode"] = True  # a fraction that was used must be one the original knew
+    (tmp_path / config.CONFIG_FILE).write_text(json.dumps(saved))
+    with pytest.raises(AiryNetError, match='"fraction": 1.0 is not valid'):
+        config.merge_run_config(config.parse_args(["--mode=predict", f"--load_dir={tmp_path}"]), str(tmp_path))
