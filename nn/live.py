@@ -371,7 +371,7 @@ class StopOnSignal:
 def run(cfg, model):
     """Classify bridge trains until --live_trains, --live_seconds or a signal; returns 0."""
     names = config.class_names(cfg)
-    receiver = Receiver(cfg, capacity=cfg.batch_size)
+    receiver = Receiver(cfg, capacity=1)  # grows to what BATCH_SECONDS allows once a batch is timed
     files = Files(cfg)
     publisher = None
     with StopOnSignal() as stop:
