@@ -189,6 +189,10 @@ class Classifier:
         self.batch_size = cfg.batch_size
         try:  # trace now, so that the first train waits for no tracing; and fail early on a mismatch
             self(np.zeros((1, *frame_shape), np.float32), np.ones(1, bool))
+            # A timed full batch: the first estimate of the time per frame, which sizes the batches.
+            started = time.monotonic()
+            self(np.zeros((self.batch_size, *frame_shape), np.float32), np.zeros(self.batch_size, bool))
+            self.seconds_per_frame = (time.monotonic() - started) / self.batch_size
         except Exception as e:
             raise AiryNetError(f"--load_dir={cfg.load_dir}: the run's model cannot take frames of "
                                f"{frame_shape[0]}x{frame_shape[1]} ({type(e).__name__}: {first_line(e)})") from e
@@ -371,7 +375,7 @@ class StopOnSignal:
 def run(cfg, model):
     """Classify bridge trains until --live_trains, --live_seconds or a signal; returns 0."""
     names = config.class_names(cfg)
-    receiver = Receiver(cfg, capacity=1)  # grows to what BATCH_SECONDS allows once a batch is timed
+    receiver = Receiver(cfg, capacity=cfg.batch_size)
     files = Files(cfg)
     publisher = None
     with StopOnSignal() as stop:
@@ -385,6 +389,7 @@ def run(cfg, model):
             if _wait_for_detector(receiver, until):
                 euxfel.set_frame_size(cfg, receiver.detector)
                 classifier = Classifier(cfg, model, receiver.detector.frame_shape)
+                receiver.capacity = batch_frames(classifier.seconds_per_frame, cfg.batch_size)
                 # The first train waited for the set-up (tracing); it counts as dropped, not as latency.
                 receiver.discard(receiver.take(timeout=0))
                 receiver.ready.set()
@@ -418,7 +423,7 @@ def _raise_receiver_error(receiver):
 def _loop(cfg, receiver, classifier, publisher, files, stats, until):
     shots = 0  # shots classified so far, for --gradcam_every
     next_status = time.monotonic() + STATUS_SECONDS
-    seconds_per_frame = None
+    seconds_per_frame = classifier.seconds_per_frame
     while not until() and not (cfg.live_trains and stats.trains >= cfg.live_trains):
         _raise_receiver_error(receiver)
         trains = receiver.take(timeout=0.2)
@@ -429,7 +434,7 @@ def _loop(cfg, receiver, classifier, publisher, files, stats, until):
             started = time.monotonic()
             done = _classify(cfg, trains, receiver.detector, classifier, publisher, files, stats, shots)
             seconds_per_frame = _smoothed(seconds_per_frame, (time.monotonic() - started) / (done - shots))
-            receiver.capacity = int(np.clip(BATCH_SECONDS / seconds_per_frame, 1, cfg.batch_size))
+            receiver.capacity = batch_frames(seconds_per_frame, cfg.batch_size)
             shots = done
         if time.monotonic() >= next_status:
             log.info(stats.status(receiver))
@@ -437,7 +442,12 @@ def _loop(cfg, receiver, classifier, publisher, files, stats, until):
 
 
 def _smoothed(average, value, weight=0.3):
-    return value if average is None else (1 - weight) * average + weight * value
+    return (1 - weight) * average + weight * value
+
+
+def batch_frames(seconds_per_frame, batch_size):
+    """Frames per batch: as many as BATCH_SECONDS of classifying allows, 1 to --batch_size."""
+    return int(np.clip(BATCH_SECONDS / max(seconds_per_frame, 1e-6), 1, batch_size))
 
 
 def _classify(cfg, trains, detector, classifier, publisher, files, stats, shots):
