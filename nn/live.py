@@ -24,7 +24,6 @@ import collections
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 
@@ -37,6 +36,7 @@ from nn.config import AiryNetError, first_line
 from nn.h5out import WriterThread
 from nn.predict import StackedWriter, TxtWriter, make_step, output_paths
 from nn.preprocess import preprocess
+from nn.signals import StopSignal
 
 log = logging.getLogger("airynet")
 
@@ -347,28 +347,6 @@ def _percentiles(values):
     return tuple(np.percentile(values, [50, 99])) if len(values) else (float("nan"),) * 2
 
 
-class StopOnSignal:
-    """SIGINT and SIGTERM set a flag that the loop checks (files are then closed as on a normal end)."""
-
-    def __init__(self):
-        self.received = None
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -378,7 +356,7 @@ def run(cfg, model):
     receiver = Receiver(cfg, capacity=cfg.batch_size)
     files = Files(cfg)
     publisher = None
-    with StopOnSignal() as stop:
+    with StopSignal() as stop:
         try:
             publisher = Publisher(cfg.publish, cfg.publish_socket, names) if cfg.publish else None
             receiver.start()

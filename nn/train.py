@@ -13,7 +13,6 @@ import atexit
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections import namedtuple
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from nn import calibrate, checkpoints, config, data, distribute, metrics, networks, recipe
 from nn.config import AiryNetError
+from nn.signals import StopSignal
 
 log = logging.getLogger("airynet")
 
@@ -399,26 +399,6 @@ class Throughput:
 
     def rate(self):
         return self.steps * self.global_batch / self.seconds
-
-
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag that the loop checks between steps (SLURM preemption)."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _prepare_run_dir(cfg, cluster):
