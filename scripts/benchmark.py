@@ -194,7 +194,7 @@ def bench_train(args):
 def write_predict_data(args, n):
     """A TFRecord of n synthetic shots with bunch IDs (the predict schema) and a run directory holding
     an initialised network (checkpoint and config.json), both written once."""
-    from nn import train
+    from nn import checkpoints
     from nn.networks import build_model
     directory = os.path.join(args.work, f"predict{args.size}_{n}")
     run_dir = os.path.join(args.work, f"run_resnet{args.resnet_size}_{args.target}")
@@ -202,13 +202,13 @@ def write_predict_data(args, n):
         images = np.concatenate([simulate.simulate(min(2000, n - start), 3, args.size, start=start)[0]
                                  for start in range(0, n, 2000)])
         os.makedirs(directory + ".tmp", exist_ok=True)
-        data.write_tfrecord(os.path.join(directory + ".tmp", "b_predict.tfrecord"), images, 1000 + np.arange(n))
+        tfrecord.write(os.path.join(directory + ".tmp", "b_predict.tfrecord"), images, 1000 + np.arange(n))
         os.replace(directory + ".tmp", directory)
-    if train.latest_checkpoint(run_dir) is None:
+    if checkpoints.latest_checkpoint(run_dir) is None:
         cfg = make_cfg(args, "--dataset=synthetic")
         os.makedirs(run_dir, exist_ok=True)
         tf.train.CheckpointManager(tf.train.Checkpoint(model=build_model(cfg)), run_dir,
-                                   checkpoint_name=train.CHECKPOINT_NAME, max_to_keep=1).save(0)
+                                   checkpoint_name=checkpoints.CHECKPOINT_NAME, max_to_keep=1).save(0)
         config.save_config(cfg, run_dir)
     return directory, run_dir
 
@@ -283,11 +283,11 @@ def bench_predict(args):
 def predict_outputs(args):
     """{name: array} of what a default predict run stores for --predict_shots shots: the images as fed,
     the Grad-CAM++ maps (float16) and the probabilities of an initialised network."""
-    from nn import predict, train
+    from nn import checkpoints, predict
     directory, run_dir = write_predict_data(args, args.predict_shots)
     cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}",
                    f"--load_dir={run_dir}")
-    model, _ = train.restore_model(cfg)
+    model, _ = checkpoints.restore_model(cfg)
     step = predict.make_step(cfg, model)
     parts = []
     for batch in data.dataset(cfg, "predict"):
