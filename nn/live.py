@@ -2,12 +2,18 @@
 
     python airynet.py --mode=live --load_dir=RUN --bridge=tcp://host:4545 --publish=tcp://*:4600
 
-A receiver thread reads the bridge (karabo_bridge.Client) and keeps only the newest trains, at most one
-batch of frames: when the classifier falls behind, the oldest waiting trains are dropped whole and
-counted, so results stay recent and no backlog grows (as OnDA favours recent data). After the first
-train it pauses until the classifier is set up for that frame size; that train counts as dropped. The main thread
-takes every waiting train at once, assembles and preprocesses the frames as training does, classifies
-them in batches and hands the results on:
+Three stages overlap, as tf.data's prefetch overlaps reading and computing in --mode=predict:
+  1. a receiver thread reads the bridge (karabo_bridge.Client) and keeps only the newest trains, at most
+     one batch of frames. With REQ (the bridge's request-reply) it asks for trains only when the next
+     batch is wanted, so the server's newest data is what arrives and no CPU goes into decoding trains
+     that would be dropped (as OnDA asks when it is ready); with SUB and PULL the server pushes, so it
+     reads on and, when the classifier falls behind, drops the oldest waiting trains whole and counts
+     them. Either way results stay recent and no backlog grows. Gaps in the train IDs (trains the source
+     never sent us) are counted too. After the first train it pauses until the classifier is set up for
+     that frame size; that train counts as dropped;
+  2. a preparing thread, once the main thread has taken the batch before, takes the waiting trains and
+     assembles and preprocesses their frames as training does, while
+  3. the main thread classifies the previous batch and hands the results on:
   * a Karabo bridge stream (protocol 2.2, karabo_bridge's own server) at --publish, one message per
     train from source AIRYNET/CLASSIFIER: trainId, pulseId [N], probabilities [N, C], classes [N, C]
     (uint8, the run's decision rule), class_names and, for every --gradcam_every-th shot, gradcam
@@ -43,9 +49,11 @@ log = logging.getLogger("airynet")
 SOURCE = "AIRYNET/CLASSIFIER"
 STATUS_SECONDS = 5.0
 RECEIVE_TIMEOUT = 2.0  # seconds without data before the bridge connection is made anew
-# A frame waits for the batch in progress, then for its own: about two batch times from receipt to publish.
-# Batches are sized to take at most this long, so that latency stays near a second on any machine.
-BATCH_SECONDS = 0.45
+# A frame is received and prepared while the batch before it is classified, then is classified itself:
+# about two batch times from receipt to publish. Batches are sized so that classifying one takes at most
+# this long, so that latency stays under a second on any machine.
+BATCH_SECONDS = 0.3
+FILL_SECONDS = 0.1  # REQ: how long a batch may take to fill once its first train is in
 FILE_STEM = "live"
 
 Train = collections.namedtuple("Train", "train_id array pulses received")
@@ -67,7 +75,9 @@ class Receiver(threading.Thread):
         self.changed = threading.Condition()
         self.stopping = threading.Event()
         self.ready = threading.Event()  # set once the classifier takes the frames: reading goes on
-        self.counts = collections.Counter()  # trains/frames in and dropped
+        self.counts = collections.Counter()  # trains/frames in and dropped; train IDs never sent
+        self.last_train_id = None
+        self.demand = False  # True while take() waits: a REQ receiver asks for trains then only
         self.skipped = collections.Counter()  # message problems by kind
         self.error = None
 
@@ -89,6 +99,8 @@ class Receiver(threading.Thread):
             if self.detector is not None and not self.ready.is_set():
                 self.ready.wait(0.1)  # the classifier is being set up for the first train's frames
                 continue
+            if self.socket == "REQ" and self.detector is not None and not self._wanted():
+                continue
             try:
                 message = client.next()
             except TimeoutError:
@@ -104,6 +116,16 @@ class Receiver(threading.Thread):
             silent_since = None
             self._accept(*message, time.monotonic())
         return silent_since
+
+    def _wanted(self):
+        """True once a batch is wanted and the waiting trains leave room (REQ asks only then); False after
+        0.1 s without."""
+        with self.changed:
+            return self.changed.wait_for(
+                lambda: self.demand and (not self.waiting or self._waiting_frames() < self.capacity), 0.1)
+
+    def _waiting_frames(self):
+        return sum(self.detector.count(t.array) for t in self.waiting)
 
     def _skip(self, kind):
         if not self.skipped[kind]:
@@ -145,18 +167,26 @@ class Receiver(threading.Thread):
         n = self.detector.count(train.array)
         with self.changed:
             self.counts.update(trains=1, frames=n)
+            if self.last_train_id is not None and train.train_id > self.last_train_id + 1:
+                self.counts["unsent_trains"] += train.train_id - self.last_train_id - 1
+            self.last_train_id = train.train_id
             self.waiting.append(train)
-            while len(self.waiting) > 1 and sum(self.detector.count(t.array) for t in self.waiting) > self.capacity:
+            while len(self.waiting) > 1 and self._waiting_frames() > self.capacity:
                 self._drop(self.waiting.popleft())
-            self.changed.notify()
+            self.changed.notify_all()
 
     def _drop(self, train):
         self.counts.update(dropped_trains=1, dropped_frames=self.detector.count(train.array))
 
     def take(self, timeout):
-        """Every waiting train (oldest first), waiting up to `timeout` s for one."""
+        """Every waiting train (oldest first), waiting up to `timeout` s for one; with REQ, then up to
+        FILL_SECONDS more for a full batch."""
         with self.changed:
-            self.changed.wait_for(lambda: self.waiting, timeout)
+            self.demand = True
+            self.changed.notify_all()
+            if self.changed.wait_for(lambda: self.waiting, timeout) and self.socket == "REQ":
+                self.changed.wait_for(lambda: self._waiting_frames() >= self.capacity, FILL_SECONDS)
+            self.demand = False
             trains = list(self.waiting)
             self.waiting.clear()
             return trains
@@ -179,37 +209,88 @@ class Receiver(threading.Thread):
 # Classifying
 
 class Classifier:
-    """Frames [N, H, W] float32 -> probabilities, classes, network-input images and optional maps."""
+    """Frames [N, H, W] float32 -> network-input images (`prepare`) -> probabilities, classes and optional
+    maps (`__call__`)."""
 
     def __init__(self, cfg, model, frame_shape):
         spec = tf.TensorSpec([None, *frame_shape, 1], tf.float32)
-        self.prepare = tf.function(lambda raw: preprocess(raw, cfg, training=False), input_signature=[spec])
+        self._prepare = tf.function(lambda raw: preprocess(raw, cfg, training=False), input_signature=[spec])
         self.step = make_step(cfg, model, maps=None)
         self.maps_step = make_step(cfg, model, maps="layer") if cfg.gradcam_every else None
         self.batch_size = cfg.batch_size
         try:  # trace now, so that the first train waits for no tracing; and fail early on a mismatch
-            self(np.zeros((1, *frame_shape), np.float32), np.ones(1, bool))
+            self(self.prepare(np.zeros((1, *frame_shape), np.float32)), np.ones(1, bool))
             # A timed full batch: the first estimate of the time per frame, which sizes the batches.
+            images = self.prepare(np.zeros((self.batch_size, *frame_shape), np.float32))
             started = time.monotonic()
-            self(np.zeros((self.batch_size, *frame_shape), np.float32), np.zeros(self.batch_size, bool))
+            self(images, np.zeros(self.batch_size, bool))
             self.seconds_per_frame = (time.monotonic() - started) / self.batch_size
         except Exception as e:
             raise AiryNetError(f"--load_dir={cfg.load_dir}: the run's model cannot take frames of "
                                f"{frame_shape[0]}x{frame_shape[1]} ({type(e).__name__}: {first_line(e)})") from e
 
-    def __call__(self, frames, with_maps):
-        """-> {"probabilities", "classes", "images"[, "gradcam" [M, ...] for the rows where with_maps]}."""
+    def prepare(self, frames):
+        """Frames [N, H, W] -> the network's input [N, h, w, d], the crop, resize and log path of training."""
+        return np.concatenate([self._prepare(frames[start:start + self.batch_size, ..., None]).numpy()
+                               for start in range(0, len(frames), self.batch_size)])
+
+    def __call__(self, images, with_maps):
+        """-> {"probabilities", "classes"[, "gradcam" [M, ...] for the rows where with_maps]}."""
         parts = collections.defaultdict(list)
-        for start in range(0, len(frames), self.batch_size):
-            images = self.prepare(frames[start:start + self.batch_size, ..., None])
-            out = self.step(images)
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            out = self.step(batch)
             parts["probabilities"].append(out["probabilities"].numpy())
             parts["classes"].append(out["classes"].numpy())
-            parts["images"].append(images.numpy())
             chosen = np.flatnonzero(with_maps[start:start + self.batch_size])
             if self.maps_step is not None and len(chosen):
-                parts["gradcam"].append(self.maps_step(tf.gather(images, chosen))["grad_cam"].numpy())
+                parts["gradcam"].append(self.maps_step(batch[chosen])["grad_cam"].numpy())
         return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+class Preparer(threading.Thread):
+    """Takes the waiting trains and assembles and preprocesses their frames while the main thread
+    classifies the batch before; one prepared batch waits at most (a bounded hand-over)."""
+
+    def __init__(self, receiver, classifier):
+        super().__init__(name="live-preparer", daemon=True)
+        self.receiver, self.classifier = receiver, classifier
+        self.prepared = queue.Queue()
+        # One batch prepared ahead at most: the next trains are taken once the main thread has taken the
+        # batch before, so that they are the newest when classified.
+        self.free = threading.Semaphore(1)
+        self.stopping = threading.Event()
+        self.error = None
+
+    def run(self):
+        try:
+            while not self.stopping.is_set():
+                if not self.free.acquire(timeout=0.2):
+                    continue
+                trains = self.receiver.take(timeout=0.2)
+                if not trains:
+                    self.free.release()
+                    continue
+                frames = np.concatenate([self.receiver.detector.frames(t.array) for t in trains])
+                self.prepared.put((trains, self.classifier.prepare(frames)))
+        except Exception as e:  # surfaces in the main thread, which ends the run cleanly
+            self.error = e
+
+    def take(self, timeout):
+        """(trains, images) of the next prepared batch; ([], None) after `timeout` s without one."""
+        try:
+            trains, images = self.prepared.get(timeout=timeout)
+        except queue.Empty:
+            return [], None
+        self.free.release()
+        return trains, images
+
+    def stop(self):
+        """Stop preparing; trains taken but not classified count as dropped."""
+        self.stopping.set()
+        if self.is_alive():
+            self.join()
+        self.receiver.discard(self.take(timeout=0)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +406,8 @@ class Stats:
         order = np.argsort(-fractions)
         classes = ", ".join(f"{self.class_names[i]} {fractions[i]:.0%}" for i in order if fractions[i] > 0) or "-"
         line = (f"live: in {frames_in / seconds:.1f} frames/s, processed {w['frames'] / seconds:.1f} frames/s, "
-                f"dropped {receiver.counts['dropped_trains']} trains, latency p50 {p50:.2f} s p99 {p99:.2f} s | "
+                f"dropped {receiver.counts['dropped_trains']} trains (missed {receiver.counts['unsent_trains']}: "
+                f"train ID gaps), latency p50 {p50:.2f} s p99 {p99:.2f} s | "
                 f"{classes}")
         self.last = now
         self.window = {"frames": 0, "in": receiver.counts["frames"], "latencies": [],
@@ -339,7 +421,7 @@ class Stats:
         unpublished = f", {publisher.unpublished} results not published (no client waiting)" if publisher else ""
         return (f"live: received {c['frames']} frames ({c['trains']} trains), processed {self.frames} "
                 f"({self.trains} trains), dropped {c['dropped_frames']} ({c['dropped_trains']} trains) in "
-                f"{time.monotonic() - self.start:.1f} s; latency p50 {p50:.3f} s p99 {p99:.3f} s; skipped "
+                f"{time.monotonic() - self.start:.1f} s; missed {c['unsent_trains']} trains (train ID gaps); latency p50 {p50:.3f} s p99 {p99:.3f} s; skipped "
                 f"messages: {skipped}{unpublished}")
 
 
@@ -355,7 +437,7 @@ def run(cfg, model):
     names = config.class_names(cfg)
     receiver = Receiver(cfg, capacity=cfg.batch_size)
     files = Files(cfg)
-    publisher = None
+    publisher = preparer = None
     with StopSignal() as stop:
         try:
             publisher = Publisher(cfg.publish, cfg.publish_socket, names) if cfg.publish else None
@@ -371,9 +453,13 @@ def run(cfg, model):
                 # The first train waited for the set-up (tracing); it counts as dropped, not as latency.
                 receiver.discard(receiver.take(timeout=0))
                 receiver.ready.set()
+                preparer = Preparer(receiver, classifier)
+                preparer.start()
                 stats = Stats(names)  # the clock starts with the first train
-                _loop(cfg, receiver, classifier, publisher, files, stats, until)
+                _loop(cfg, receiver, preparer, classifier, publisher, files, stats, until)
         finally:
+            if preparer is not None:
+                preparer.stop()
             receiver.stop()
             paths = files.close()
             if publisher:
@@ -398,19 +484,22 @@ def _raise_receiver_error(receiver):
         raise AiryNetError(f"--bridge={receiver.endpoint}: {type(receiver.error).__name__}: {receiver.error}")
 
 
-def _loop(cfg, receiver, classifier, publisher, files, stats, until):
+def _loop(cfg, receiver, preparer, classifier, publisher, files, stats, until):
     shots = 0  # shots classified so far, for --gradcam_every
     next_status = time.monotonic() + STATUS_SECONDS
     seconds_per_frame = classifier.seconds_per_frame
     while not until() and not (cfg.live_trains and stats.trains >= cfg.live_trains):
         _raise_receiver_error(receiver)
-        trains = receiver.take(timeout=0.2)
-        if cfg.live_trains:  # exactly N trains are classified; any beyond wait and count as dropped
-            receiver.discard(trains[cfg.live_trains - stats.trains:])
-            trains = trains[:cfg.live_trains - stats.trains]
+        if preparer.error is not None:
+            raise preparer.error
+        trains, images = preparer.take(timeout=0.2)
+        if trains and cfg.live_trains:  # exactly N trains are classified; any beyond count as dropped
+            keep = cfg.live_trains - stats.trains
+            receiver.discard(trains[keep:])
+            trains, images = trains[:keep], images[:sum(len(t.pulses) for t in trains[:keep])]
         if trains:
             started = time.monotonic()
-            done = _classify(cfg, trains, receiver.detector, classifier, publisher, files, stats, shots)
+            done = _classify(cfg, trains, images, classifier, publisher, files, stats, shots)
             seconds_per_frame = _smoothed(seconds_per_frame, (time.monotonic() - started) / (done - shots))
             receiver.capacity = batch_frames(seconds_per_frame, cfg.batch_size)
             shots = done
@@ -428,12 +517,12 @@ def batch_frames(seconds_per_frame, batch_size):
     return int(np.clip(BATCH_SECONDS / max(seconds_per_frame, 1e-6), 1, batch_size))
 
 
-def _classify(cfg, trains, detector, classifier, publisher, files, stats, shots):
-    """Classify, publish and write the shots of `trains`; returns the new shot count."""
-    frames = np.concatenate([detector.frames(t.array) for t in trains])
-    with_maps = (shots + np.arange(len(frames))) % cfg.gradcam_every == 0 if cfg.gradcam_every else \
-        np.zeros(len(frames), bool)
-    result = classifier(frames, with_maps)
+def _classify(cfg, trains, images, classifier, publisher, files, stats, shots):
+    """Classify, publish and write the shots of `trains` (their prepared `images`); returns the new shot
+    count."""
+    with_maps = (shots + np.arange(len(images))) % cfg.gradcam_every == 0 if cfg.gradcam_every else \
+        np.zeros(len(images), bool)
+    result = classifier(images, with_maps)
     latencies, first = [], 0
     map_rows = np.cumsum(with_maps) - 1  # row in result["gradcam"] of each shot with a map
     for t in trains:
@@ -451,7 +540,7 @@ def _classify(cfg, trains, detector, classifier, publisher, files, stats, shots)
             "pulses": np.concatenate([t.pulses for t in trains]),
             "probs": result["probabilities"], "preds": result["classes"]}
     if cfg.save_images:
-        rows["images"] = result["images"]
+        rows["images"] = images
     files.write(rows)
-    stats.add(len(frames), result["classes"], latencies)
-    return shots + len(frames)
+    stats.add(len(images), result["classes"], latencies)
+    return shots + len(images)

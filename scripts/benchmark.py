@@ -402,7 +402,7 @@ def bench_live(args):
                                   "\n".join(lines))[1])
         port = 45000 + round_
         with ServerInThread(f"tcp://127.0.0.1:{port}", sock="REP", maxlen=4) as server, LogLines() as lines:
-            feeding = threading.Thread(target=_feed, args=(server, source, frames), daemon=True)
+            feeding = threading.Thread(target=_feed, args=(server, source, frames, args.offer), daemon=True)
             feeding.start()
             airynet.main(["--mode=live", f"--bridge=tcp://127.0.0.1:{port}", f"--live_seconds={args.seconds}",
                           f"--predict_dir={args.work}/live/online", *common])
@@ -417,11 +417,13 @@ def bench_live(args):
               f"+ dropped {dropped:.0f}: {received == processed + dropped}")
 
 
-def _feed(server, source, frames):
-    """Trains as fast as the client asks (REP), frames cycled, train IDs counting up."""
+def _feed(server, source, frames, rate):
+    """Trains at `rate` a second (0: as fast as the client asks; REP), frames cycled, train IDs counting up."""
     _feed.stop = False
-    i = 0
+    i, start = 0, time.monotonic()
     while not _feed.stop:
+        if rate:
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
         try:
             server.feed({source: {"data.image": frames[i % len(frames)]}}, {source: {"timestamp.tid": 10 ** 6 + i}},
                         timeout=0.2)
@@ -502,8 +504,11 @@ def main():
                    help="Input: also time plain per-shot pipelines (tf.image ops; h5py generator) on the same data.")
     p.add_argument("--compare_torch", action="store_true",
                    help="Predict: also time the same net under PyTorch's torch.compile (needs torch).")
-    p.add_argument("--frames", type=int, default=96, help="Live: frames in the run (offline) and cycled (live).")
+    p.add_argument("--frames", type=int, default=288,
+                   help="Live: frames in the run (offline) and cycled (live); 12 batches, as the offline rate after "
+                        "the first batch is inflated by the input prefetched while that batch builds the graph.")
     p.add_argument("--seconds", type=float, default=20, help="Live: seconds of each live run.")
+    p.add_argument("--offer", type=float, default=0, help="Live: trains offered a second (0: as fast as asked).")
     p.add_argument("--work", default="/tmp/airynet-bench")
     args = p.parse_args()
     if args.steps is None:

@@ -53,6 +53,20 @@ def test_agipd_online_and_file_order_assemble_alike():
     assert "shape (16, 128, 500, 3)" in b.problem(online[:, :, :500])
 
 
+def test_gaps_and_masked_pixels_become_zero():
+    """Assembled into zeros, NaN pixels set to 0: what EXtra-geom's NaN-filled image cleaned after gives."""
+    rng = np.random.default_rng(1)
+    frame = rng.random((1024, 1024), np.float32)
+    frame[[3, 700], [5, 900]] = np.nan
+    full = detectors.Detector(PNCCD + ":output", "data.image", frame)
+    expected = np.nan_to_num(full.geometry.position_modules(frame[None])[0], nan=0.0)
+    assembled = full.frames(frame)
+    np.testing.assert_array_equal(assembled, expected)
+    assert np.isfinite(assembled).all() and (assembled == 0).sum() == 2 + 54 * 1024  # two pixels, the gap
+    small = detectors.Detector(PNCCD + ":output", "data.image", frame[:64, :64])
+    np.testing.assert_array_equal(small.frames(frame[:64, :64])[0], np.nan_to_num(frame[:64, :64], nan=0.0))
+
+
 def test_pnccd_full_frame_is_assembled_small_frames_taken_as_stored():
     full = detectors.Detector(PNCCD + ":output", "data.image", np.ones((1024, 1024), np.float32))
     assert type(full.geometry).__name__ == "PNCCDGeometry" and full.frame_shape[1] == 1024
