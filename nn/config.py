@@ -95,7 +95,8 @@ def build_parser():
                    help="Exclusive classes: softmax cross-entropy and arg-max predictions (the original's "
                         "cifar10 path) instead of multi-label sigmoids.")
     g.add_argument("--num_worker", type=int, default=4,
-                   help="Parallel TFRecord readers (at most one per file) and synthetic-shot generators.")
+                   help="Parallel TFRecord readers (at most one per file), synthetic-shot generators and "
+                        "batches being preprocessed.")
     g.add_argument("--use_ccf", type=str2bool, default=False,
                    help="Read the cross-correlation image feature image/ccf_noise_* instead of the raw "
                         "image/encoded*.")

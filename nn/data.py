@@ -22,7 +22,8 @@ from nn import config, cxi, euxfel, simulate, tfrecord
 from nn.config import AiryNetError, first_line
 from nn.preprocess import preprocess
 
-AUTOTUNE = tf.data.AUTOTUNE
+# Batches prepared ahead of the network.
+PREFETCH_BATCHES = 2
 
 
 def dataset_dir(cfg):
@@ -213,8 +214,16 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
             return dict(extra, image=images)
         return images, extra["label"]
 
-    ds = tf.data.Dataset.zip(records, seeds).map(finish, num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE)
+    ds = tf.data.Dataset.zip(records, seeds).map(finish, num_parallel_calls=cfg.num_worker)
+    return ds.prefetch(PREFETCH_BATCHES).with_options(FIXED_PARALLELISM)
+
+
+# Parallelism and prefetch are set above, and tf.data's autotuning is off. Its thread sleeps for doubling
+# periods (10 ms, 20 ms, ..., seconds) and an iterator's teardown waits for its next wake-up: a predict run
+# that finished just after 10.2 s ended at 20.5 s, one of 2,000 shots at 41 s, in half the runs (the
+# "half-speed mode"; scripts/benchmark.py repeat), and every eval during training paid the same wait.
+FIXED_PARALLELISM = tf.data.Options()
+FIXED_PARALLELISM.autotune.enabled = False
 
 
 # What TensorFlow raises when a record cannot be decoded (InvalidArgument), a TFRecord is corrupt

@@ -4,12 +4,15 @@
     python scripts/benchmark.py input      # TFRecord and CXI readers, 259x259 -> 224x224, batch 24
     python scripts/benchmark.py input --baseline   # ... and plain per-shot pipelines on the same data
     python scripts/benchmark.py train      # ResNet-18 224x224x1 batch 24: bare step vs the real loop
+    python scripts/benchmark.py train --compare_torch   # ... and the same net's training step under torch.compile
     python scripts/benchmark.py predict    # ResNet-18 224x224x1 batch 24: the step without and with Grad-CAM++,
                                            # then airynet.py --mode=predict end to end for each output option
     python scripts/benchmark.py predict --compare_torch   # ... and the same net under torch.compile
     python scripts/benchmark.py live       # 1024x1024 pnCCD-like frames from a local Karabo bridge, classified
                                            # at 224x224 live vs offline predict of the same frames as a run
     python scripts/benchmark.py h5         # HDF5 filters on predict outputs: write, size, read back
+    python scripts/benchmark.py repeat --runs=20   # the same airynet.py --mode=predict (or --repeat_mode=train)
+                                           # run N times, each in a new process: the spread of the rates
 
 Common flags: --size (stored), --target, --batch_size, --resnet_size, --steps; the data is synthetic,
 written once to --work (default /tmp/airynet-bench).
@@ -115,10 +118,10 @@ def plain_pipelines(args, dirs):
         path = os.path.join(dirs[name], "b_train.cxi")
         records = tf.data.Dataset.from_generator(lambda: shots(path, name == "stacked"),
                                                  output_signature=tf.TensorSpec([size, size, 1], tf.float32))
-        return records.map(prepare, num_parallel_calls=data.AUTOTUNE)
+        return records.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
 
     records = tf.data.TFRecordDataset(os.path.join(dirs["tfrecord"], "b_train.tfrecord")).shuffle(2000).repeat()
-    return {"tfrecord": records.map(parse, num_parallel_calls=data.AUTOTUNE),
+    return {"tfrecord": records.map(parse, num_parallel_calls=tf.data.AUTOTUNE),
             "stacked": from_h5("stacked"), "shots": from_h5("shots")}
 
 
@@ -135,7 +138,7 @@ def bench_input(args):
         cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}")
         datasets = {"airynet": data.dataset(cfg, "train")}
         if name in plain:
-            datasets["plain"] = plain[name].batch(args.batch_size).prefetch(data.AUTOTUNE)
+            datasets["plain"] = plain[name].batch(args.batch_size).prefetch(tf.data.AUTOTUNE)
         runs = steady_rates(datasets, args)
         rates = {k: np.median(v) for k, v in runs.items()}
         # The first run reads its shots for the first time (a per-shot CXI file: HDF5 looks each one up).
@@ -189,6 +192,10 @@ def bench_train(args):
     loop = float(next(re.search(r"throughput ([\d.]+) img/s", m).group(1) for m in lines if "throughput" in m))
     print(f"  airynet training loop (TFRecord input, flips, metrics, one log): {loop:8.1f} img/s "
           f"({100 * (bare / loop - 1):+.1f}% time per step over the bare step)")
+    if args.compare_torch:
+        compiled = torch_training_rate(cfg, args.steps)
+        print(f"  PyTorch torch.compile training step, same net: {compiled:8.1f} img/s "
+              f"(bare step {bare / compiled:.2f}x, airynet loop {loop / compiled:.2f}x)")
 
 
 def write_predict_data(args, n):
@@ -373,6 +380,47 @@ class LogLines(list):
         logging.getLogger("airynet").removeHandler(self.handler)
 
 
+def bench_repeat(args):
+    """The same CLI command run --runs times, each in a new process (so that anything decided once per
+    process, such as thread placement, varies as between a user's runs): each run's rate from its own log
+    line, then the distribution."""
+    import re
+    import statistics
+    import subprocess
+    script = args.airynet or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "airynet.py")
+    directory, run_dir = write_predict_data(args, args.predict_shots)
+    if args.repeat_mode == "predict":
+        out_dir = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench-repeat")
+        flags = cli_predict_flags(args, directory, run_dir, out_dir)
+        pattern, unit = r"([\d.]+) after the first batch", "shots/s after the first batch"
+    else:
+        dirs = write_data(args)
+        flags = ["--mode=train", f"--data_dir={args.work}/", f"--dataset={os.path.basename(dirs['tfrecord'])}",
+                 f"--log_dir={args.work}/runs", f"--train_steps={args.steps}", f"--steps_per_eval={args.steps}",
+                 "--eval_steps=1", f"--log_step={args.steps}", f"--dataset_size={SHOTS}",
+                 f"--ori_width={args.size}", f"--ori_height={args.size}", f"--target_width={args.target}",
+                 f"--target_height={args.target}", f"--batch_size={args.batch_size}",
+                 f"--resnet_size={args.resnet_size}"]
+        pattern, unit = r"throughput ([\d.]+) img/s", "img/s (training loop, its own log line)"
+    rates, walls = [], []
+    print(f"{os.path.relpath(script)} --mode={args.repeat_mode} {' '.join(args.extra)}, {args.runs} runs:", flush=True)
+    for i in range(args.runs):
+        run_flags = flags + args.extra + ([f"--out_dir_name=repeat{time.time_ns()}"]
+                                          if args.repeat_mode == "train" else [])
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, script, *run_flags], capture_output=True, text=True)
+        walls.append(time.monotonic() - started)
+        found = re.search(pattern, done.stderr + done.stdout)
+        if done.returncode or not found:
+            sys.exit(f"run {i + 1} failed (exit status {done.returncode}): {(done.stderr or done.stdout)[-800:]}")
+        rates.append(float(found[1]))
+        print(f"  run {i + 1:2d}: {rates[-1]:7.1f} {unit}; the command took {walls[-1]:5.1f} s", flush=True)
+    for name, values in ((unit, rates), ("s per command", walls)):
+        median = statistics.median(values)
+        print(f"  {name}: min {min(values):.1f}, median {median:.1f}, max {max(values):.1f}; min/median "
+              f"{min(values) / median:.2f}, max/median {max(values) / median:.2f}")
+
+
 def bench_live(args):
     """Live (--mode=live from a local bridge) against offline predict of the same frames as a EuXFEL run,
     both with the default outputs (txt, stacked h5 with images) and without Grad-CAM++ maps, taking turns."""
@@ -432,9 +480,9 @@ def _feed(server, source, frames, rate):
             continue
 
 
-def torch_inference_rate(cfg, n_batches, repeats=3):
-    """Images per second of the same ResNet-v2 (basic blocks, log activation, leaky ReLU, NCHW data in
-    channels_last memory) in PyTorch under torch.compile: the yardstick for AiryNet's prediction.
+def torch_net(cfg):
+    """The same ResNet-v2 (basic blocks, log activation, leaky ReLU) in PyTorch, uncompiled, in
+    channels_last memory: the yardstick for AiryNet's prediction and training.
     Needs `pip install torch==2.13.0` (not a requirement of AiryNet)."""
     import math
     try:
@@ -480,18 +528,49 @@ def torch_inference_rate(cfg, n_batches, repeats=3):
             x = self.blocks(F.max_pool2d(x, 3, 2, 1))
             return self.fc(F.leaky_relu(self.bn(x), slope).mean((2, 3)))
 
-    net = torch.compile(Net().eval().to(memory_format=torch.channels_last))
+    return Net().to(memory_format=torch.channels_last)
+
+
+def torch_images(cfg):
+    import torch
     images = torch.rand(cfg.batch_size, cfg.target_depth, cfg.target_height, cfg.target_width).mul(100)
-    images = images.to(memory_format=torch.channels_last)
+    return images.to(memory_format=torch.channels_last)
+
+
+def torch_inference_rate(cfg, n_batches, repeats=3):
+    """Images per second of torch_net under torch.compile, in inference mode."""
+    import torch
+    net, images = torch.compile(torch_net(cfg).eval()), torch_images(cfg)
     with torch.inference_mode():
         for _ in range(3):  # compile and warm up
             net(images)
         return max(images_per_second(lambda: net(images), n_batches, cfg.batch_size) for _ in range(repeats))
 
 
+def torch_training_rate(cfg, n_batches, repeats=3):
+    """Images per second of torch_net's training step under torch.compile (forward, sigmoid cross-entropy,
+    backward, Nesterov SGD with the L2 term as weight decay: the paper's recipe), on one in-memory batch."""
+    import torch
+    net = torch_net(cfg).train()
+    images, labels = torch_images(cfg), (torch.rand(cfg.batch_size, cfg.num_classes) > 0.5).float()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=2e-5)
+
+    @torch.compile
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    for _ in range(3):  # compile and warm up
+        step()
+    return max(images_per_second(lambda: step().item(), n_batches, cfg.batch_size) for _ in range(repeats))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("input", "train", "predict", "h5", "live"))
+    p.add_argument("what", choices=("input", "train", "predict", "h5", "live", "repeat"))
     p.add_argument("--size", type=int, default=259)
     p.add_argument("--target", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=24)
@@ -503,12 +582,18 @@ def main():
     p.add_argument("--baseline", action="store_true",
                    help="Input: also time plain per-shot pipelines (tf.image ops; h5py generator) on the same data.")
     p.add_argument("--compare_torch", action="store_true",
-                   help="Predict: also time the same net under PyTorch's torch.compile (needs torch).")
+                   help="Train/predict: also time the same net under PyTorch's torch.compile (needs torch).")
     p.add_argument("--frames", type=int, default=288,
                    help="Live: frames in the run (offline) and cycled (live); 12 batches, as the offline rate after "
                         "the first batch is inflated by the input prefetched while that batch builds the graph.")
     p.add_argument("--seconds", type=float, default=20, help="Live: seconds of each live run.")
     p.add_argument("--offer", type=float, default=0, help="Live: trains offered a second (0: as fast as asked).")
+    p.add_argument("--runs", type=int, default=20, help="Repeat: runs of the command.")
+    p.add_argument("--repeat_mode", choices=("predict", "train"), default="predict",
+                   help="Repeat: predict --predict_shots shots, or train --steps steps.")
+    p.add_argument("--airynet", help="Repeat: the airynet.py to run (default: this checkout's), e.g. an older "
+                                     "checkout's, for a before/after comparison on the same data.")
+    p.add_argument("extra", nargs="*", help="Repeat: further airynet.py flags, after --, e.g. -- --gradcam=false")
     p.add_argument("--work", default="/tmp/airynet-bench")
     args = p.parse_args()
     if args.steps is None:
@@ -516,7 +601,7 @@ def main():
     if args.what == "live":
         args.rounds = min(args.rounds, 2)
     {"input": bench_input, "train": bench_train, "predict": bench_predict, "h5": bench_h5,
-     "live": bench_live}[args.what](args)
+     "live": bench_live, "repeat": bench_repeat}[args.what](args)
 
 
 if __name__ == "__main__":
