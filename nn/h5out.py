@@ -55,12 +55,13 @@ class WriterThread:
     At most `depth` items wait, so memory stays flat when writing is slower than computing; put() then
     blocks. An exception raised by write() is raised again by the next put() or by close(), and the items
     after it are dropped. Use as a context manager: leaving it waits for the writes queued so far, unless
-    it is left by an exception, which stops the thread after the write in progress."""
+    it is left by an exception, which stops the thread after the write in progress. `idle`, if given, is
+    called on the thread after every `idle_seconds` without an item (errors as for write)."""
 
-    _STOP = object()
+    _STOP, _IDLE = object(), object()
 
-    def __init__(self, write, depth=2):
-        self.write = write
+    def __init__(self, write, depth=2, idle=None, idle_seconds=1.0):
+        self.write, self.idle, self.idle_seconds = write, idle, idle_seconds
         self.queue = queue.Queue(depth)
         self.error = None
         self.abandoned = False  # set when the run stops early: what is still queued is dropped
@@ -68,12 +69,18 @@ class WriterThread:
         self.thread.start()
 
     def _loop(self):
-        while (item := self.queue.get()) is not self._STOP:
+        while (item := self._next()) is not self._STOP:
             if self.error is None and not self.abandoned:
                 try:
-                    self.write(item)
+                    self.idle() if item is self._IDLE else self.write(item)
                 except BaseException as e:  # handed to the main thread, which reports it
                     self.error = e
+
+    def _next(self):
+        try:
+            return self.queue.get(timeout=self.idle_seconds if self.idle else None)
+        except queue.Empty:
+            return self._IDLE
 
     def _raise(self):
         if self.error is not None:

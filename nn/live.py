@@ -20,7 +20,8 @@ Three stages overlap, as tf.data's prefetch overlaps reading and computing in --
     [M, C, h, w] (Grad-CAM++ at the last block's resolution) with gradcam_index [M] (rows of the train);
   * `live.txt` and `live.h5` in --predict_dir, the txt and stacked layouts of --mode=predict (Bunch_ID =
     train ID; the h5 adds `pulses`), appended batch by batch. Until the run ends they are named
-    `*.partial`; the h5 is written in SWMR mode, so h5py.File(path, "r", swmr=True) reads it while it grows;
+    `*.partial`; the h5 is written in SWMR mode and flushed within a second of each write, so
+    h5py.File(path, "r", swmr=True) reads it while it grows;
   * a status line every STATUS_SECONDS.
 Frames received = frames processed + frames dropped: trains still waiting when the run stops count as
 dropped. A message without the source or key, or with a wrong shape or dtype, is logged once per kind,
@@ -40,7 +41,7 @@ from nn import config, detectors, euxfel
 from nn.config import AiryNetError, first_line
 # The inference API of --mode=predict, imported here only.
 from nn.h5out import WriterThread
-from nn.predict import StackedWriter, TxtWriter, make_step, output_paths
+from nn.predict import SWMR_FLUSH_SECONDS, StackedWriter, TxtWriter, make_step, output_paths
 from nn.preprocess import preprocess
 from nn.signals import StopSignal
 
@@ -353,7 +354,8 @@ class Files:
         attrs = {"source": "live", "bridge": cfg.bridge, "load_dir": cfg.load_dir}
         self.txt = TxtWriter(paths["txt"])
         self.h5 = StackedWriter(paths["h5"], fields, config.class_names(cfg), attrs, cfg.h5_compression, swmr=True)
-        self.writer = WriterThread(self._write)
+        # Rows become visible to SWMR readers at most a second after they are written, pauses included.
+        self.writer = WriterThread(self._write, idle=self.h5.flush, idle_seconds=SWMR_FLUSH_SECONDS)
 
     def write(self, rows):
         """Queue one batch (a bounded queue, so memory stays flat). A write error surfaces here."""

@@ -190,16 +190,23 @@ def format_txt_line(bid, flags, probs):
     return f"{bid}\t{', '.join(str(int(f)) for f in flags)}\t{', '.join(f'{p:.4f}' for p in probs)}\n"
 
 
+# A flush writes the file's metadata and evicts the chunk cache, so that appending the next batch reads
+# and recompresses the last chunks again: at live's small batches, once a second (and when writing pauses)
+# is what a viewer needs.
+SWMR_FLUSH_SECONDS = 1.0
+
+
 class StackedWriter:
     """The stacked layout (see the module docstring). `fields`: name -> (dtype, shape per shot,
     attributes); rows are appended with write({name: array [B, ...]}). `compression`: one of
     h5out.COMPRESSIONS."""
 
     def __init__(self, path, fields, class_names, attrs, compression="gzip", swmr=False):
-        """swmr: write in HDF5's single-writer/multiple-reader mode, flushed after every batch, so that a
-        viewer can read the file while it grows (--mode=live)."""
+        """swmr: write in HDF5's single-writer/multiple-reader mode, flushed after a batch at most every
+        SWMR_FLUSH_SECONDS (and by flush()), so that a viewer can read the file while it grows (--mode=live)."""
         self.path, self.tmp = path, partial_name(path)
         self.swmr = swmr
+        self.flushed, self.flushed_rows = time.monotonic(), 0
         filters = h5out.filter_options(compression)
         self.file = h5py.File(self.tmp, "w", libver="latest" if swmr else "earliest")
         self.rows = 0
@@ -230,8 +237,14 @@ class StackedWriter:
                 for i in range(0, n, step):
                     ds[self.rows + i:self.rows + i + step] = values[i:i + step]
         self.rows += n
-        if self.swmr:
+        if self.swmr and time.monotonic() - self.flushed >= SWMR_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self):
+        """Make the rows written so far visible to readers."""
+        if self.rows != self.flushed_rows:
             self.file.flush()
+        self.flushed, self.flushed_rows = time.monotonic(), self.rows
 
     def close(self):
         self.file.close()

@@ -402,10 +402,12 @@ def bench_repeat(args):
                  f"--target_height={args.target}", f"--batch_size={args.batch_size}",
                  f"--resnet_size={args.resnet_size}"]
         pattern, unit = r"throughput ([\d.]+) img/s", "img/s (training loop, its own log line)"
+    import shlex
+    extra = shlex.split(args.flags)
     rates, walls = [], []
-    print(f"{os.path.relpath(script)} --mode={args.repeat_mode} {' '.join(args.extra)}, {args.runs} runs:", flush=True)
+    print(f"{os.path.relpath(script)} --mode={args.repeat_mode} {args.flags}, {args.runs} runs:", flush=True)
     for i in range(args.runs):
-        run_flags = flags + args.extra + ([f"--out_dir_name=repeat{time.time_ns()}"]
+        run_flags = flags + extra + ([f"--out_dir_name=repeat{time.time_ns()}"]
                                           if args.repeat_mode == "train" else [])
         started = time.monotonic()
         done = subprocess.run([sys.executable, script, *run_flags], capture_output=True, text=True)
@@ -593,7 +595,7 @@ def main():
                    help="Repeat: predict --predict_shots shots, or train --steps steps.")
     p.add_argument("--airynet", help="Repeat: the airynet.py to run (default: this checkout's), e.g. an older "
                                      "checkout's, for a before/after comparison on the same data.")
-    p.add_argument("extra", nargs="*", help="Repeat: further airynet.py flags, after --, e.g. -- --gradcam=false")
+    p.add_argument("--flags", default="", help="Repeat: further airynet.py flags, e.g. --flags='--gradcam=false'")
     p.add_argument("--work", default="/tmp/airynet-bench")
     args = p.parse_args()
     if args.steps is None:

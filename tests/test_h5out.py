@@ -53,6 +53,35 @@ def test_writer_error_is_raised_by_the_next_put_and_later_items_are_dropped():
     assert written == [0]
 
 
+def test_idle_callback_runs_when_no_item_comes_and_its_error_surfaces():
+    calls = []
+
+    def idle():
+        calls.append(time.monotonic())
+        if len(calls) == 3:
+            raise OSError("flush failed")
+
+    writer = h5out.WriterThread(calls.append, idle=idle, idle_seconds=0.05)
+    time.sleep(0.5)
+    with pytest.raises(OSError, match="flush failed"):
+        writer.put("item")
+    writer.close()
+    assert len(calls) == 3 and "item" not in calls  # the error stopped further calls
+
+
+def test_swmr_reader_sees_the_rows_after_a_flush(tmp_path):
+    path = str(tmp_path / "live.h5")
+    fields = {"bids": ("int64", (), {}), "probs": ("float32", (2,), {})}
+    w = predict.StackedWriter(path, fields, ["a", "b"], {}, "zstd", swmr=True)
+    with h5py.File(w.tmp, "r", swmr=True) as f:
+        for first in (0, 3):
+            w.write({"bids": first + np.arange(3), "probs": np.zeros((3, 2), np.float32)})
+            w.flush()
+            f["bids"].refresh()
+            np.testing.assert_array_equal(f["bids"][:], np.arange(first + 3))
+    w.close()
+
+
 def test_leaving_on_an_exception_drops_what_is_queued():
     written, gate = [], threading.Event()
 

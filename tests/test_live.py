@@ -202,13 +202,18 @@ def test_reconnects_to_a_restarted_server(run_dir, tmp_path, caplog):
     bridge = f"tcp://127.0.0.1:{free_port()}"
     images, _ = simulate.simulate(2, seed=1, size=SIZE)
     stop = threading.Event()
+    seen_while_growing = []
 
     def restart():
         with Feeder(bridge, "REP", lambda i: pnccd_train(images[0], 100 + i), limit=3):
             deadline = time.time() + 30
             while classified(tmp_path) < 2 and time.time() < deadline and not stop.is_set():
                 time.sleep(0.05)
-        time.sleep(3)  # longer than the receive timeout: the client must reconnect
+        time.sleep(1.5)
+        # A viewer reads the h5 while the run goes on, in HDF5's single-writer/multiple-reader mode.
+        with h5py.File(tmp_path / "live.h5.partial", "r", swmr=True) as f:
+            seen_while_growing.extend(f["bids"][:])
+        time.sleep(1.5)  # in all longer than the receive timeout: the client must reconnect
         with Feeder(bridge, "REP", lambda i: pnccd_train(images[1], 900 + i), interval=0.05):
             stop.wait(40)
 
@@ -222,6 +227,7 @@ def test_reconnects_to_a_restarted_server(run_dir, tmp_path, caplog):
     assert "reconnecting until the server is back" in caplog.text and "data again after" in caplog.text
     tids = read_txt(tmp_path / "live.txt")
     assert len(tids) == 5 and tids[0] < 900 <= tids[-1]
+    assert len(seen_while_growing) >= 2 and list(seen_while_growing) == tids[:len(seen_while_growing)]
 
 
 def test_sigterm_closes_the_files_and_exits_0(run_dir, tmp_path):
