@@ -101,7 +101,8 @@ class Detector:
             # anew and cleaned after, which took most of the live receiving CPU for 1-megapixel frames.
             out = np.zeros((len(array), *self.assembled_shape), np.float32)
             array, _ = self.geometry.position_modules(array, out=out)
-        return np.where(np.isnan(array), np.float32(0), array) if np.isnan(array).any() else array
+        masked = np.isnan(array)
+        return np.where(masked, np.float32(0), array) if masked.any() else array
 
     def pulse_ids(self, values, array):
         """The pulse IDs of the train if the source sends them (one per frame), else 0..N-1."""

@@ -423,8 +423,8 @@ class Stats:
         unpublished = f", {publisher.unpublished} results not published (no client waiting)" if publisher else ""
         return (f"live: received {c['frames']} frames ({c['trains']} trains), processed {self.frames} "
                 f"({self.trains} trains), dropped {c['dropped_frames']} ({c['dropped_trains']} trains) in "
-                f"{time.monotonic() - self.start:.1f} s; missed {c['unsent_trains']} trains (train ID gaps); latency p50 {p50:.3f} s p99 {p99:.3f} s; skipped "
-                f"messages: {skipped}{unpublished}")
+                f"{time.monotonic() - self.start:.1f} s; missed {c['unsent_trains']} trains (train ID gaps); "
+                f"latency p50 {p50:.3f} s p99 {p99:.3f} s; skipped messages: {skipped}{unpublished}")
 
 
 def _percentiles(values):

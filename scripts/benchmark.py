@@ -182,13 +182,7 @@ def bench_train(args):
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("airynet").addHandler(handler)
-    steps = args.steps + 2
-    flags = ["--mode=train", f"--data_dir={args.work}/", f"--dataset={os.path.basename(dirs['tfrecord'])}",
-             f"--log_dir={args.work}/runs", f"--out_dir_name=bench{time.time_ns()}", f"--train_steps={steps}",
-             f"--steps_per_eval={steps}", "--eval_steps=1", f"--log_step={steps}", f"--dataset_size={SHOTS}",
-             f"--ori_width={args.size}", f"--ori_height={args.size}", f"--target_width={args.target}",
-             f"--target_height={args.target}", f"--batch_size={args.batch_size}", f"--resnet_size={args.resnet_size}"]
-    assert airynet.main(flags) == 0
+    assert airynet.main(cli_train_flags(args, dirs, args.steps + 2)) == 0
     loop = float(next(re.search(r"throughput ([\d.]+) img/s", m).group(1) for m in lines if "throughput" in m))
     print(f"  airynet training loop (TFRecord input, flips, metrics, one log): {loop:8.1f} img/s "
           f"({100 * (bare / loop - 1):+.1f}% time per step over the bare step)")
@@ -196,6 +190,16 @@ def bench_train(args):
         compiled = torch_training_rate(cfg, args.steps)
         print(f"  PyTorch torch.compile training step, same net: {compiled:8.1f} img/s "
               f"(bare step {bare / compiled:.2f}x, airynet loop {loop / compiled:.2f}x)")
+
+
+def cli_train_flags(args, dirs, steps):
+    """airynet.py flags training `steps` steps on the TFRecords of write_data, into a new run directory,
+    with one evaluation and one log line at the end."""
+    return ["--mode=train", f"--data_dir={args.work}/", f"--dataset={os.path.basename(dirs['tfrecord'])}",
+            f"--log_dir={args.work}/runs", f"--out_dir_name=bench{time.time_ns()}", f"--train_steps={steps}",
+            f"--steps_per_eval={steps}", "--eval_steps=1", f"--log_step={steps}", f"--dataset_size={SHOTS}",
+            f"--ori_width={args.size}", f"--ori_height={args.size}", f"--target_width={args.target}",
+            f"--target_height={args.target}", f"--batch_size={args.batch_size}", f"--resnet_size={args.resnet_size}"]
 
 
 def write_predict_data(args, n):
@@ -385,30 +389,24 @@ def bench_repeat(args):
     process, such as thread placement, varies as between a user's runs): each run's rate from its own log
     line, then the distribution."""
     import re
+    import shlex
     import statistics
     import subprocess
     script = args.airynet or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "airynet.py")
-    directory, run_dir = write_predict_data(args, args.predict_shots)
     if args.repeat_mode == "predict":
+        directory, run_dir = write_predict_data(args, args.predict_shots)
         out_dir = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench-repeat")
-        flags = cli_predict_flags(args, directory, run_dir, out_dir)
+        command = lambda: cli_predict_flags(args, directory, run_dir, out_dir)
         pattern, unit = r"([\d.]+) after the first batch", "shots/s after the first batch"
     else:
         dirs = write_data(args)
-        flags = ["--mode=train", f"--data_dir={args.work}/", f"--dataset={os.path.basename(dirs['tfrecord'])}",
-                 f"--log_dir={args.work}/runs", f"--train_steps={args.steps}", f"--steps_per_eval={args.steps}",
-                 "--eval_steps=1", f"--log_step={args.steps}", f"--dataset_size={SHOTS}",
-                 f"--ori_width={args.size}", f"--ori_height={args.size}", f"--target_width={args.target}",
-                 f"--target_height={args.target}", f"--batch_size={args.batch_size}",
-                 f"--resnet_size={args.resnet_size}"]
+        command = lambda: cli_train_flags(args, dirs, args.steps)  # a new run directory each time
         pattern, unit = r"throughput ([\d.]+) img/s", "img/s (training loop, its own log line)"
-    import shlex
     extra = shlex.split(args.flags)
     rates, walls = [], []
     print(f"{os.path.relpath(script)} --mode={args.repeat_mode} {args.flags}, {args.runs} runs:", flush=True)
     for i in range(args.runs):
-        run_flags = flags + extra + ([f"--out_dir_name=repeat{time.time_ns()}"]
-                                          if args.repeat_mode == "train" else [])
+        run_flags = command() + extra
         started = time.monotonic()
         done = subprocess.run([sys.executable, script, *run_flags], capture_output=True, text=True)
         walls.append(time.monotonic() - started)
