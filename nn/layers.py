@@ -111,8 +111,35 @@ def activation(x, leakiness, name):
     return keras.layers.ReLU(name=name)(x)
 
 
+@keras.saving.register_keras_serializable(package="airynet")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization, trained through TensorFlow's fused kernel, as the original's
+    tf.layers.batch_normalization(fused=True) was.
+
+    Keras 3 computes the batch moments and the normalisation as separate ops, forward and backward; the
+    fused kernel does each in one pass over the feature map, which made a ResNet-18 training step on two
+    CPU cores about 15% faster (README, Performance). The variables, the moving-average rule (biased batch
+    variance) and inference (Keras' own path) are those of the parent class, so checkpoints are
+    interchangeable.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (not (training and self.trainable) or mask is not None or len(inputs.shape) != 4 or self.renorm
+                or not (self.scale and self.center)):
+            return super().call(inputs, training=training, mask=mask)
+        data_format = "NCHW" if self.axis == 1 else "NHWC"
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format=data_format, is_training=True)
+        # The kernel returns the Bessel-corrected variance; Keras averages the biased one.
+        count = tf.cast(tf.size(inputs) // tf.size(mean), variance.dtype)
+        variance = variance * (count - 1) / tf.maximum(count, 1)
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return outputs
+
+
 def batch_norm_act(x, name, *, axis, leakiness, momentum=BN_MOMENTUM):
-    x = keras.layers.BatchNormalization(axis=axis, momentum=momentum, epsilon=BN_EPSILON, center=True,
+    x = FusedBatchNormalization(axis=axis, momentum=momentum, epsilon=BN_EPSILON, center=True,
                                         scale=True, name=f"{name}_bn")(x)
     return activation(x, leakiness, f"{name}_act")
 

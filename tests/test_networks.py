@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from nn import config, networks
-from nn.layers import LogActivation
+from nn.layers import FusedBatchNormalization, LogActivation
 
 NUM_CLASSES = 11
 RESNET_BLOCKS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True),
@@ -236,6 +236,28 @@ def test_nchw_matches_nhwc_with_the_same_weights():
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
     feats = keras.Model(nchw.input, nchw.get_layer("last_block_before_fc").output)(x).numpy()
     assert feats.shape == (4, 512, 1, 1)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_fused_batch_norm_trains_as_keras_batch_norm(axis):
+    """The fused training path gives Keras' outputs, gradients and moving averages (float round-off)."""
+    x = tf.constant(np.random.default_rng(4).gamma(2.0, 3.0, size=(6, 5, 7, 8)).astype(np.float32))
+    layers = [cls(axis=axis, momentum=0.9, epsilon=1e-5) for cls in (keras.layers.BatchNormalization,
+                                                                     FusedBatchNormalization)]
+    results = []
+    for layer in layers:
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 8 if axis == -1 else 5))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 8 if axis == -1 else 5))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.sin(y) * tf.range(y.shape[-1], dtype=y.dtype))
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([y, *grads, layer.moving_mean, layer.moving_variance, layer(x, training=False)])
+    for keras_value, fused_value in zip(*results):
+        np.testing.assert_allclose(np.asarray(fused_value), np.asarray(keras_value), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(results[1][5], 1.0)  # the moving variance was updated
 
 
 def test_vgg_dropout_only_while_training():
