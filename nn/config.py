@@ -19,7 +19,7 @@ HELIUM_CLASSES = ["spherical_oblate", "round", "elliptical", "prolate", "streak"
 RESNET_SIZES = (18, 34, 50, 101, 152, 200)
 VGG_SIZES = (16, 19)
 MODES = ("train", "eval", "predict", "save", "live")
-MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment", "zoom")
+MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment")
 CONFIG_FILE = "config.json"
 FRACTIONS = (0.25, 0.5, 0.75)  # --fraction's choices, as the 2018 original's parser had them
 
@@ -122,11 +122,11 @@ def build_parser():
     g.add_argument("--recipe", type=str, default="paper", choices=("paper", "modern"),
                    help="paper: the original's training, unchanged. modern: warm-up and cosine decay, decoupled "
                         "weight decay, an average of the weights for inference, faster batch-norm averages, "
-                        "area downsampling, rare classes weighted up, rotations, shifts, zooms and intensity scaling "
+                        "area downsampling, rare classes weighted up, rotations, shifts and intensity scaling "
                         "(README, How well it learns).")
     g.add_argument("--recipe_without", type=str, default="",
                    help="Comma-separated pieces of --recipe=modern to leave out, for ablations: schedule, "
-                        "weight_decay, ema, bn_momentum, area, pos_weight, augment, zoom.")
+                        "weight_decay, ema, bn_momentum, area, pos_weight, augment.")
     g.add_argument("--calibration_fraction", type=float, default=None,
                    help="Share of the training shots held out, never trained on, to choose each class's "
                         "decision threshold at the end of training (default 0.1 with --recipe=modern, else 0).")

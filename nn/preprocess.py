@@ -15,7 +15,6 @@ from nn.config import crop_size
 
 MAX_SHIFT = 0.04            # --recipe=modern: centre shifts up to this share of the image side...
 INTENSITY_DECADES = 1.0     # ...and intensities scaled by a factor spread log-uniformly over a decade
-MAX_ZOOM = 1.3              # the "zoom" piece: patterns scaled by a factor spread log-uniformly in [1/1.3, 1.3]
 
 
 def random_flips(images, seed):
@@ -94,8 +93,7 @@ def preprocess(images, cfg, training=False, seed=None):
     if training:
         images = random_flips(images, seed)
         if recipe.uses(cfg, "augment"):
-            images = augment(images, tf.random.experimental.stateless_fold_in(seed, 1),
-                             max_zoom=MAX_ZOOM if recipe.uses(cfg, "zoom") else 1.0)
+            images = augment(images, tf.random.experimental.stateless_fold_in(seed, 1))
     if cfg.target_depth == 3 and cfg.ori_depth == 1:
         images = tf.image.grayscale_to_rgb(images)
     elif cfg.target_depth == 1 and cfg.ori_depth == 3:
@@ -114,25 +112,20 @@ def area_downsampling(cfg):
     return recipe.uses(cfg, "area") and (crop_h > 2 * cfg.target_height or crop_w > 2 * cfg.target_width)
 
 
-def augment(images, seed, max_zoom=1.0):
-    """Each image rotated by a uniform angle about its centre, shifted by up to MAX_SHIFT of its side,
-    scaled in intensity by 10^u, u uniform over INTENSITY_DECADES, and with max_zoom > 1 magnified by
-    a factor between 1/max_zoom and max_zoom (log-uniform): symmetries of a diffraction pattern (the
-    droplet's orientation, the beam's pointing, the pulse energy, and the detector distance and photon
-    energy, which set how many pixels a fringe spans). One bilinear transform per image, at the target
-    size, where it costs least; pixels brought in from outside the image are 0, as outside a detector."""
+def augment(images, seed):
+    """Each image rotated by a uniform angle about its centre, shifted by up to MAX_SHIFT of its side
+    and scaled in intensity by 10^u, u uniform over INTENSITY_DECADES: symmetries of a diffraction
+    pattern (the droplet's orientation, the beam's pointing, the pulse energy). One bilinear transform
+    per image, at the target size, where it costs least; corners rotated in from outside are 0, as
+    pixels outside a detector."""
     n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
     u = tf.random.stateless_uniform([4, n], seed)
     angle = 2 * math.pi * u[0]
     shift_x, shift_y = (2 * u[1] - 1) * MAX_SHIFT * width, (2 * u[2] - 1) * MAX_SHIFT * height
     gain = 10.0 ** ((u[3] - 0.5) * INTENSITY_DECADES)
-    zoom = 1.0
-    if max_zoom > 1:  # its own random stream: the other draws stay those of a run without zoom
-        u_zoom = tf.random.stateless_uniform([n], tf.random.experimental.stateless_fold_in(seed, 1))
-        zoom = tf.exp((2 * u_zoom - 1) * math.log(max_zoom))
-    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    cos, sin = tf.cos(angle), tf.sin(angle)
     cx, cy = (width - 1) / 2, (height - 1) / 2
-    # Each output pixel (x, y) reads the input at R(angle) (x - c - shift) / zoom + c.
+    # Each output pixel (x, y) reads the input at R(angle) (x - c - shift) + c.
     transforms = tf.stack([cos, -sin, cx - cos * (cx + shift_x) + sin * (cy + shift_y),
                            sin, cos, cy - sin * (cx + shift_x) - cos * (cy + shift_y),
                            tf.zeros_like(cos), tf.zeros_like(cos)], axis=1)
