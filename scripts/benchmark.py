@@ -20,7 +20,7 @@ written once to --work (default /tmp/airynet-bench).
 import argparse
 import os
 import sys
-import threading
+import subprocess
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -391,7 +391,6 @@ def bench_repeat(args):
     import re
     import shlex
     import statistics
-    import subprocess
     script = args.airynet or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "airynet.py")
     if args.repeat_mode == "predict":
         directory, run_dir = write_predict_data(args, args.predict_shots)
@@ -426,12 +425,13 @@ def bench_live(args):
     both with the default outputs (txt, stacked h5 with images) and without Grad-CAM++ maps, taking turns."""
     import re
     import airynet
-    from karabo_bridge import ServerInThread
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from test_euxfel import PNCCD, write_pnccd_run  # the mock run writer of the tests (EXtra-data's writer)
     source = PNCCD + ":output"
     frames = np.kron(simulate.simulate(args.frames, seed=5, size=256)[0], np.ones((1, 4, 4))).astype(np.float32)
     write_pnccd_run(os.path.join(args.work, "live", "r0001"), frames)
+    frames_path = os.path.join(args.work, "live", "frames.npy")
+    np.save(frames_path, frames)
     run_dir = os.path.join(args.work, "live", "synthetic_model")
     if not os.path.exists(os.path.join(run_dir, "checkpoint")):  # an untrained-but-real run: one step
         airynet.main(["--mode=train", "--dataset=synthetic", f"--data_dir={args.work}/none/",
@@ -449,13 +449,16 @@ def bench_live(args):
         offline = float(re.search(r"Predicted \d+ shots in [\d.]+ s \([\d.]+ shots/s, ([\d.]+) after the first",
                                   "\n".join(lines))[1])
         port = 45000 + round_
-        with ServerInThread(f"tcp://127.0.0.1:{port}", sock="REP", maxlen=4) as server, LogLines() as lines:
-            feeding = threading.Thread(target=_feed, args=(server, source, frames, args.offer), daemon=True)
-            feeding.start()
-            airynet.main(["--mode=live", f"--bridge=tcp://127.0.0.1:{port}", f"--live_seconds={args.seconds}",
-                          f"--predict_dir={args.work}/live/online", *common])
-            _feed.stop = True
-            feeding.join()
+        # The bridge in a process of its own, as a local bridge is (karabo-bridge-server-sim,
+        # karabo-bridge-serve-files): in this process its threads competed with the classifier's.
+        server = subprocess.Popen([sys.executable, "-c", BRIDGE_SERVER, str(port), source, frames_path, str(args.offer)])
+        try:
+            with LogLines() as lines:
+                airynet.main(["--mode=live", f"--bridge=tcp://127.0.0.1:{port}", f"--live_seconds={args.seconds}",
+                              f"--predict_dir={args.work}/live/online", *common])
+        finally:
+            server.terminate()
+            server.wait()
         summary = next(line for line in lines if line.startswith("live: received"))
         received, trains, processed, _, dropped, _, seconds = (float(v) for v in re.findall(r"[\d.]+", summary)[:7])
         p99 = float(re.search(r"p99 ([\d.]+) s", summary)[1])
@@ -465,11 +468,16 @@ def bench_live(args):
               f"+ dropped {dropped:.0f}: {received == processed + dropped}")
 
 
-def _feed(server, source, frames, rate):
-    """Trains at `rate` a second (0: as fast as the client asks; REP), frames cycled, train IDs counting up."""
-    _feed.stop = False
+# argv: port, source, frames.npy, trains a second (0: as fast as asked). Frames cycled, train IDs counting up.
+BRIDGE_SERVER = """
+import sys, time
+import numpy as np
+from karabo_bridge import ServerInThread
+port, source, path, rate = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+frames = np.load(path)
+with ServerInThread(f"tcp://127.0.0.1:{port}", sock="REP", maxlen=4) as server:
     i, start = 0, time.monotonic()
-    while not _feed.stop:
+    while True:
         if rate:
             time.sleep(max(0.0, start + i / rate - time.monotonic()))
         try:
@@ -478,6 +486,7 @@ def _feed(server, source, frames, rate):
             i += 1
         except Exception:  # queue full: the classifier is behind
             continue
+"""
 
 
 def torch_net(cfg):
