@@ -139,8 +139,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
 
 def batch_norm_act(x, name, *, axis, leakiness, momentum=BN_MOMENTUM):
-    x = FusedBatchNormalization(axis=axis, momentum=momentum, epsilon=BN_EPSILON, center=True,
-                                        scale=True, name=f"{name}_bn")(x)
+    x = FusedBatchNormalization(axis=axis, momentum=momentum, epsilon=BN_EPSILON, center=True, scale=True,
+                                name=f"{name}_bn")(x)
     return activation(x, leakiness, f"{name}_act")
 
 

@@ -450,7 +450,7 @@ def bench_live(args):
                                   "\n".join(lines))[1])
         port = 45000 + round_
         # The bridge in a process of its own, as a local bridge is (karabo-bridge-server-sim,
-        # karabo-bridge-serve-files): in this process its threads competed with the classifier's.
+        # karabo-bridge-serve-files), not threads of the process it is measuring.
         server = subprocess.Popen([sys.executable, "-c", BRIDGE_SERVER, str(port), source, frames_path, str(args.offer)])
         try:
             with LogLines() as lines:
