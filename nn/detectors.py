@@ -89,8 +89,9 @@ class Detector:
     def count(self, array):
         return 1 if self.pulse_axis is None else array.shape[self.pulse_axis]
 
-    def frames(self, array):
-        """float32 [N, H, W] (NaN, as in the gaps of an assembled image, becomes 0)."""
+    def frames(self, array, out=None):
+        """float32 [N, H, W] (NaN, as in the gaps of an assembled image, becomes 0); written into `out`
+        where given, N frames of a buffer whose gap pixels hold 0 (assembly writes the modules only)."""
         array = np.asarray(array, dtype=np.float32)
         if self.layout == "online":  # (modules, fs, ss, pulses) -> (pulses, modules, ss, fs)
             array = array.transpose(3, 0, 2, 1)
@@ -99,10 +100,20 @@ class Detector:
         if self.geometry is not None:
             # Into zeros (EXtra-geom leaves the gaps as they are): cheaper than a NaN-filled image made
             # anew and cleaned after, which took most of the live receiving CPU for 1-megapixel frames.
-            out = np.zeros((len(array), *self.assembled_shape), np.float32)
-            array, _ = self.geometry.position_modules(array, out=out)
-        masked = np.isnan(array)
-        return np.where(masked, np.float32(0), array) if masked.any() else array
+            if out is None:
+                out = np.zeros((len(array), *self.assembled_shape), np.float32)
+            self.geometry.position_modules(array, out=out)
+        elif out is not None:
+            out[...] = array
+        else:
+            out = array
+        masked = np.isnan(out)
+        if not masked.any():
+            return out
+        if out is array:  # the caller's array, which may be read-only (a bridge message's buffer)
+            return np.where(masked, np.float32(0), out)
+        out[masked] = 0
+        return out
 
     def pulse_ids(self, values, array):
         """The pulse IDs of the train if the source sends them (one per frame), else 0..N-1."""

@@ -2,18 +2,19 @@
 
     python airynet.py --mode=live --load_dir=RUN --bridge=tcp://host:4545 --publish=tcp://*:4600
 
-Three stages overlap, as tf.data's prefetch overlaps reading and computing in --mode=predict:
+Two threads and a writer:
   1. a receiver thread reads the bridge (karabo_bridge.Client) and keeps only the newest trains, at most
-     one batch of frames. With REQ (the bridge's request-reply) it asks for trains only when the next
-     batch is wanted, so the server's newest data is what arrives and no CPU goes into decoding trains
-     that would be dropped (as OnDA asks when it is ready); with SUB and PULL the server pushes, so it
-     reads on and, when the classifier falls behind, drops the oldest waiting trains whole and counts
-     them. Either way results stay recent and no backlog grows. Gaps in the train IDs (trains the source
-     never sent us) are counted too. After the first train it pauses until the classifier is set up for
-     that frame size; that train counts as dropped;
-  2. a preparing thread, once the main thread has taken the batch before, takes the waiting trains and
-     assembles and preprocesses their frames as training does, while
-  3. the main thread classifies the previous batch and hands the results on:
+     one batch of frames. With REQ (the bridge's request-reply) it asks for trains only while the main
+     thread waits for the next batch, so the server's newest data is what arrives and no CPU goes into
+     decoding trains that would be dropped (as OnDA asks when it is ready); with SUB and PULL the server
+     pushes, so it reads on and, when the classifier falls behind, drops the oldest waiting trains whole
+     and counts them. Either way results stay recent and no backlog grows. Gaps in the train IDs (trains
+     the source never sent us) are counted too. After the first train it pauses until the classifier is
+     set up for that frame size; that train counts as dropped;
+  2. the main thread takes the waiting trains, assembles and preprocesses their frames as training does,
+     classifies them and hands the results on. These steps run one after the other, not overlapped: on
+     two cores, preparing the next batch beside the network slowed the network by more than the
+     preparing cost (README, Live at the beamline);
   * a Karabo bridge stream (protocol 2.2, karabo_bridge's own server) at --publish, one message per
     train from source AIRYNET/CLASSIFIER: trainId, pulseId [N], probabilities [N, C], classes [N, C]
     (uint8, the run's decision rule), class_names and, for every --gradcam_every-th shot, gradcam
@@ -50,11 +51,13 @@ log = logging.getLogger("airynet")
 SOURCE = "AIRYNET/CLASSIFIER"
 STATUS_SECONDS = 5.0
 RECEIVE_TIMEOUT = 2.0  # seconds without data before the bridge connection is made anew
-# A frame is received and prepared while the batch before it is classified, then is classified itself:
-# about two batch times from receipt to publish. Batches are sized so that classifying one takes at most
-# this long, so that latency stays under a second on any machine.
-BATCH_SECONDS = 0.3
-FILL_SECONDS = 0.1  # REQ: how long a batch may take to fill once its first train is in
+# Batches are sized once, from a batch timed at set-up, so that preprocessing and classifying one takes
+# at most this long and latency stays under a second on any machine: a requested (REQ) frame waits for its
+# own batch to be fetched, assembled, preprocessed and classified; a pushed one (SUB, PULL) may also wait
+# while the batch before it is classified. Fetching and assembling, which the set-up cannot time, take
+# about a third more on top (1024x1024 pnCCD frames).
+BATCH_SECONDS = {"REQ": 0.45, "SUB": 0.3, "PULL": 0.3}
+FILL_SECONDS = 0.2  # REQ: how long a batch may take to fill once its first train is in
 FILE_STEM = "live"
 
 Train = collections.namedtuple("Train", "train_id array pulses received")
@@ -210,88 +213,70 @@ class Receiver(threading.Thread):
 # Classifying
 
 class Classifier:
-    """Frames [N, H, W] float32 -> network-input images (`prepare`) -> probabilities, classes and optional
-    maps (`__call__`)."""
+    """Trains -> the network's input (`prepare`) -> probabilities, classes and optional maps (`__call__`).
 
-    def __init__(self, cfg, model, frame_shape):
-        spec = tf.TensorSpec([None, *frame_shape, 1], tf.float32)
+    Frames are assembled into one buffer kept for the whole run: a new 4 MB image per frame cost page
+    faults (assembling took 2.4x longer live). The network sees few batch shapes: a batch is padded to the
+    next of 1, 2, 4, ... frames, `batch_frames` or --batch_size, because oneDNN builds its kernels per input
+    shape and keeps a bounded number (cycling through 24 batch sizes ran at a quarter of the speed of one
+    fixed size)."""
+
+    def __init__(self, cfg, model, detector, socket):
+        self.detector, self.batch_size = detector, cfg.batch_size
+        self.buffer = np.zeros((cfg.batch_size, *detector.frame_shape), np.float32)
+        spec = tf.TensorSpec([None, *detector.frame_shape, 1], tf.float32)
         self._prepare = tf.function(lambda raw: preprocess(raw, cfg, training=False), input_signature=[spec])
         self.step = make_step(cfg, model, maps=None)
         self.maps_step = make_step(cfg, model, maps="layer") if cfg.gradcam_every else None
-        self.batch_size = cfg.batch_size
+        self.shapes = [cfg.batch_size]
         try:  # trace now, so that the first train waits for no tracing; and fail early on a mismatch
-            self(self.prepare(np.zeros((1, *frame_shape), np.float32)), np.ones(1, bool))
-            # A timed full batch: the first estimate of the time per frame, which sizes the batches.
-            images = self.prepare(np.zeros((self.batch_size, *frame_shape), np.float32))
+            self(self._prepared_buffer(1), np.ones(1, bool))
+            # A timed full batch sizes the batches (timed the second time: the first builds its kernels).
+            self(self._prepared_buffer(self.batch_size), np.zeros(self.batch_size, bool))
             started = time.monotonic()
-            self(images, np.zeros(self.batch_size, bool))
-            self.seconds_per_frame = (time.monotonic() - started) / self.batch_size
+            self(self._prepared_buffer(self.batch_size), np.zeros(self.batch_size, bool))
+            seconds_per_frame = (time.monotonic() - started) / self.batch_size
         except Exception as e:
             raise AiryNetError(f"--load_dir={cfg.load_dir}: the run's model cannot take frames of "
-                               f"{frame_shape[0]}x{frame_shape[1]} ({type(e).__name__}: {first_line(e)})") from e
+                               f"{detector.frame_shape[0]}x{detector.frame_shape[1]} ({type(e).__name__}: "
+                               f"{first_line(e)})") from e
+        self.batch_frames = int(np.clip(BATCH_SECONDS[socket] / seconds_per_frame, 1, self.batch_size))
+        self.shapes = sorted({2 ** k for k in range(self.batch_frames.bit_length())}
+                             | {self.batch_frames, self.batch_size})
+        self(self._prepared_buffer(self.batch_frames), np.zeros(self.batch_frames, bool))  # its kernels
 
-    def prepare(self, frames):
-        """Frames [N, H, W] -> the network's input [N, h, w, d], the crop, resize and log path of training."""
-        return np.concatenate([self._prepare(frames[start:start + self.batch_size, ..., None]).numpy()
-                               for start in range(0, len(frames), self.batch_size)])
+    def prepare(self, trains):
+        """The frames of `trains`, assembled and preprocessed: the network's input [N, h, w, d]."""
+        n = sum(self.detector.count(t.array) for t in trains)
+        if n > len(self.buffer):  # a train of many pulses
+            self.buffer = np.zeros((n, *self.buffer.shape[1:]), np.float32)
+        first = 0
+        for t in trains:
+            count = self.detector.count(t.array)
+            self.detector.frames(t.array, out=self.buffer[first:first + count])
+            first += count
+        return self._prepared_buffer(n)
+
+    def _prepared_buffer(self, n):
+        frames = self.buffer[:n, ..., None]
+        return np.concatenate([self._prepare(frames[start:start + self.batch_size]).numpy()
+                               for start in range(0, n, self.batch_size)])
 
     def __call__(self, images, with_maps):
         """-> {"probabilities", "classes"[, "gradcam" [M, ...] for the rows where with_maps]}."""
         parts = collections.defaultdict(list)
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
-            out = self.step(batch)
-            parts["probabilities"].append(out["probabilities"].numpy())
-            parts["classes"].append(out["classes"].numpy())
+            n = len(batch)
+            padded = next(size for size in self.shapes if size >= n)
+            out = self.step(np.concatenate([batch, np.zeros((padded - n, *batch.shape[1:]), batch.dtype)])
+                            if padded > n else batch)
+            parts["probabilities"].append(out["probabilities"].numpy()[:n])
+            parts["classes"].append(out["classes"].numpy()[:n])
             chosen = np.flatnonzero(with_maps[start:start + self.batch_size])
             if self.maps_step is not None and len(chosen):
                 parts["gradcam"].append(self.maps_step(batch[chosen])["grad_cam"].numpy())
         return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-class Preparer(threading.Thread):
-    """Takes the waiting trains and assembles and preprocesses their frames while the main thread
-    classifies the batch before; one prepared batch waits at most (a bounded hand-over)."""
-
-    def __init__(self, receiver, classifier):
-        super().__init__(name="live-preparer", daemon=True)
-        self.receiver, self.classifier = receiver, classifier
-        self.prepared = queue.Queue()
-        # One batch prepared ahead at most: the next trains are taken once the main thread has taken the
-        # batch before, so that they are the newest when classified.
-        self.free = threading.Semaphore(1)
-        self.stopping = threading.Event()
-        self.error = None
-
-    def run(self):
-        try:
-            while not self.stopping.is_set():
-                if not self.free.acquire(timeout=0.2):
-                    continue
-                trains = self.receiver.take(timeout=0.2)
-                if not trains:
-                    self.free.release()
-                    continue
-                frames = np.concatenate([self.receiver.detector.frames(t.array) for t in trains])
-                self.prepared.put((trains, self.classifier.prepare(frames)))
-        except Exception as e:  # surfaces in the main thread, which ends the run cleanly
-            self.error = e
-
-    def take(self, timeout):
-        """(trains, images) of the next prepared batch; ([], None) after `timeout` s without one."""
-        try:
-            trains, images = self.prepared.get(timeout=timeout)
-        except queue.Empty:
-            return [], None
-        self.free.release()
-        return trains, images
-
-    def stop(self):
-        """Stop preparing; trains taken but not classified count as dropped."""
-        self.stopping.set()
-        if self.is_alive():
-            self.join()
-        self.receiver.discard(self.take(timeout=0)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,12 +370,13 @@ class Stats:
 
     def __init__(self, class_names):
         self.class_names = class_names
-        self.start = self.last = time.monotonic()
+        self.start = self.last = self.last_result = time.monotonic()
         self.trains = self.frames = 0
         self.latencies = collections.deque(maxlen=100_000)  # receive -> publish, seconds
         self.window = {"frames": 0, "in": 0, "latencies": [], "classes": np.zeros(len(class_names))}
 
     def add(self, n_frames, classes, latencies):
+        self.last_result = time.monotonic()
         self.trains += len(latencies)
         self.frames += n_frames
         self.latencies.extend(latencies)
@@ -417,13 +403,15 @@ class Stats:
         return line
 
     def summary(self, receiver, publisher):
+        """The run's counts; its seconds run from the first train to the last result (closing the files
+        at the end is not in them)."""
         c = receiver.counts
         p50, p99 = _percentiles(self.latencies)
         skipped = ", ".join(f"{n} with {kind}" for kind, n in receiver.skipped.items()) or "none"
         unpublished = f", {publisher.unpublished} results not published (no client waiting)" if publisher else ""
         return (f"live: received {c['frames']} frames ({c['trains']} trains), processed {self.frames} "
                 f"({self.trains} trains), dropped {c['dropped_frames']} ({c['dropped_trains']} trains) in "
-                f"{time.monotonic() - self.start:.1f} s; missed {c['unsent_trains']} trains (train ID gaps); "
+                f"{self.last_result - self.start:.1f} s; missed {c['unsent_trains']} trains (train ID gaps); "
                 f"latency p50 {p50:.3f} s p99 {p99:.3f} s; skipped messages: {skipped}{unpublished}")
 
 
@@ -439,7 +427,7 @@ def run(cfg, model):
     names = config.class_names(cfg)
     receiver = Receiver(cfg, capacity=cfg.batch_size)
     files = Files(cfg)
-    publisher = preparer = None
+    publisher = None
     with StopSignal() as stop:
         try:
             publisher = Publisher(cfg.publish, cfg.publish_socket, names) if cfg.publish else None
@@ -450,18 +438,15 @@ def run(cfg, model):
             stats = Stats(names)
             if _wait_for_detector(receiver, until):
                 euxfel.set_frame_size(cfg, receiver.detector)
-                classifier = Classifier(cfg, model, receiver.detector.frame_shape)
-                receiver.capacity = batch_frames(classifier.seconds_per_frame, cfg.batch_size)
+                classifier = Classifier(cfg, model, receiver.detector, cfg.bridge_socket)
+                receiver.capacity = classifier.batch_frames
+                log.info("Batches of up to %d frames", classifier.batch_frames)
                 # The first train waited for the set-up (tracing); it counts as dropped, not as latency.
                 receiver.discard(receiver.take(timeout=0))
                 receiver.ready.set()
-                preparer = Preparer(receiver, classifier)
-                preparer.start()
                 stats = Stats(names)  # the clock starts with the first train
-                _loop(cfg, receiver, preparer, classifier, publisher, files, stats, until)
+                _loop(cfg, receiver, classifier, publisher, files, stats, until)
         finally:
-            if preparer is not None:
-                preparer.stop()
             receiver.stop()
             paths = files.close()
             if publisher:
@@ -486,42 +471,26 @@ def _raise_receiver_error(receiver):
         raise AiryNetError(f"--bridge={receiver.endpoint}: {type(receiver.error).__name__}: {receiver.error}")
 
 
-def _loop(cfg, receiver, preparer, classifier, publisher, files, stats, until):
+def _loop(cfg, receiver, classifier, publisher, files, stats, until):
     shots = 0  # shots classified so far, for --gradcam_every
     next_status = time.monotonic() + STATUS_SECONDS
-    seconds_per_frame = classifier.seconds_per_frame
     while not until() and not (cfg.live_trains and stats.trains >= cfg.live_trains):
         _raise_receiver_error(receiver)
-        if preparer.error is not None:
-            raise preparer.error
-        trains, images = preparer.take(timeout=0.2)
+        trains = receiver.take(timeout=0.2)
         if trains and cfg.live_trains:  # exactly N trains are classified; any beyond count as dropped
             keep = cfg.live_trains - stats.trains
             receiver.discard(trains[keep:])
-            trains, images = trains[:keep], images[:sum(len(t.pulses) for t in trains[:keep])]
+            trains = trains[:keep]
         if trains:
-            started = time.monotonic()
-            done = _classify(cfg, trains, images, classifier, publisher, files, stats, shots)
-            seconds_per_frame = _smoothed(seconds_per_frame, (time.monotonic() - started) / (done - shots))
-            receiver.capacity = batch_frames(seconds_per_frame, cfg.batch_size)
-            shots = done
+            shots = _classify(cfg, trains, classifier, publisher, files, stats, shots)
         if time.monotonic() >= next_status:
             log.info(stats.status(receiver))
             next_status += STATUS_SECONDS
 
 
-def _smoothed(average, value, weight=0.3):
-    return (1 - weight) * average + weight * value
-
-
-def batch_frames(seconds_per_frame, batch_size):
-    """Frames per batch: as many as BATCH_SECONDS of classifying allows, 1 to --batch_size."""
-    return int(np.clip(BATCH_SECONDS / max(seconds_per_frame, 1e-6), 1, batch_size))
-
-
-def _classify(cfg, trains, images, classifier, publisher, files, stats, shots):
-    """Classify, publish and write the shots of `trains` (their prepared `images`); returns the new shot
-    count."""
+def _classify(cfg, trains, classifier, publisher, files, stats, shots):
+    """Prepare, classify, publish and write the shots of `trains`; returns the new shot count."""
+    images = classifier.prepare(trains)
     with_maps = (shots + np.arange(len(images))) % cfg.gradcam_every == 0 if cfg.gradcam_every else \
         np.zeros(len(images), bool)
     result = classifier(images, with_maps)

@@ -67,6 +67,27 @@ def test_gaps_and_masked_pixels_become_zero():
     np.testing.assert_array_equal(small.frames(frame[:64, :64])[0], np.nan_to_num(frame[:64, :64], nan=0.0))
 
 
+def test_frames_into_a_reused_buffer_equal_fresh_frames():
+    """The live classifier assembles every batch into one buffer: the same frames as a fresh image, the
+    gap left 0 from before, masked pixels cleaned in place, the bridge's read-only array untouched."""
+    rng = np.random.default_rng(2)
+    first, second = rng.random((2, 1024, 1024), np.float32)
+    second[[10, 600], [20, 800]] = np.nan
+    second.flags.writeable = False
+    pnccd = detectors.Detector(PNCCD + ":output", "data.image", first)
+    buffer = np.zeros((3, *pnccd.frame_shape), np.float32)
+    pnccd.frames(first, out=buffer[0:1])
+    into = pnccd.frames(second, out=buffer[0:1])
+    assert np.shares_memory(into, buffer)
+    np.testing.assert_array_equal(buffer[0], pnccd.frames(second)[0])
+    assert np.isnan(second).sum() == 2 and (buffer[0] == 0).sum() == 2 + 54 * 1024
+    stack = rng.random((2, 64, 64), np.float32)
+    stack[1, 5, 5] = np.nan
+    plain = detectors.Detector("CAM:output", "data.image", stack)
+    np.testing.assert_array_equal(plain.frames(stack, out=buffer[1:3, :64, :64]), plain.frames(stack))
+    assert buffer[2, 5, 5] == 0 and np.isnan(stack[1, 5, 5])
+
+
 def test_pnccd_full_frame_is_assembled_small_frames_taken_as_stored():
     full = detectors.Detector(PNCCD + ":output", "data.image", np.ones((1024, 1024), np.float32))
     assert type(full.geometry).__name__ == "PNCCDGeometry" and full.frame_shape[1] == 1024
