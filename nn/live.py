@@ -216,14 +216,14 @@ class Classifier:
     """Trains -> the network's input (`prepare`) -> probabilities, classes and optional maps (`__call__`).
 
     Frames are assembled into one buffer kept for the whole run: a new 4 MB image per frame cost page
-    faults (assembling took 2.4x longer live). The network sees few batch shapes: a batch is padded to the
+    faults (assembling took 2.4x longer live). The buffer enters TensorFlow without a copy (`_tensor`). The network sees few batch shapes: a batch is padded to the
     next of 1, 2, 4, ... frames, `batch_frames` or --batch_size, because oneDNN builds its kernels per input
     shape and keeps a bounded number (cycling through 24 batch sizes ran at a quarter of the speed of one
     fixed size)."""
 
     def __init__(self, cfg, model, detector, socket):
         self.detector, self.batch_size = detector, cfg.batch_size
-        self.buffer = np.zeros((cfg.batch_size, *detector.frame_shape), np.float32)
+        self.buffer = _aligned_zeros((cfg.batch_size, *detector.frame_shape))
         spec = tf.TensorSpec([None, *detector.frame_shape, 1], tf.float32)
         self._prepare = tf.function(lambda raw: preprocess(raw, cfg, training=False), input_signature=[spec])
         self.step = make_step(cfg, model, maps=None)
@@ -249,7 +249,7 @@ class Classifier:
         """The frames of `trains`, assembled and preprocessed: the network's input [N, h, w, d]."""
         n = sum(self.detector.count(t.array) for t in trains)
         if n > len(self.buffer):  # a train of many pulses
-            self.buffer = np.zeros((n, *self.buffer.shape[1:]), np.float32)
+            self.buffer = _aligned_zeros((n, *self.buffer.shape[1:]))
         first = 0
         for t in trains:
             count = self.detector.count(t.array)
@@ -259,7 +259,8 @@ class Classifier:
 
     def _prepared_buffer(self, n):
         frames = self.buffer[:n, ..., None]
-        return np.concatenate([self._prepare(frames[start:start + self.batch_size]).numpy()
+        # Each part is preprocessed before the buffer is written again: the tensor shares its memory.
+        return np.concatenate([self._prepare(_tensor(frames[start:start + self.batch_size])).numpy()
                                for start in range(0, n, self.batch_size)])
 
     def __call__(self, images, with_maps):
@@ -277,6 +278,26 @@ class Classifier:
             if self.maps_step is not None and len(chosen):
                 parts["gradcam"].append(self.maps_step(batch[chosen])["grad_cam"].numpy())
         return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+TENSOR_ALIGNMENT = 64  # bytes: TensorFlow's CPU kernels need this alignment of the memory they read
+
+
+def _aligned_zeros(shape):
+    """float32 zeros starting at a TENSOR_ALIGNMENT boundary (numpy only promises 16 bytes)."""
+    size = int(np.prod(shape)) * 4
+    raw = np.zeros(size + TENSOR_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % TENSOR_ALIGNMENT
+    return raw[start:start + size].view(np.float32).reshape(shape)
+
+
+def _tensor(frames):
+    """`frames` as a tensor that shares their memory (DLPack) where TensorFlow can use it in place: a
+    C-ordered, aligned array. Copying assembled 1078x1024 frames into TensorFlow took 1.7 ms a frame, more
+    than preprocessing them (1.2 ms)."""
+    if frames.flags.c_contiguous and frames.ctypes.data % TENSOR_ALIGNMENT == 0:
+        return tf.experimental.dlpack.from_dlpack(frames.__dlpack__())
+    return tf.convert_to_tensor(frames)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -441,6 +441,7 @@ def bench_live(args):
               f"--target_height={args.target}", "--overwrite=true", "--log_level=INFO"]
     print(f"live vs offline predict: {args.frames} pnCCD-like frames 1024x1024 (assembled 1078x1024), "
           f"ResNet-{args.resnet_size} at {args.target}x{args.target}, batch {args.batch_size}")
+    ratios, p99s = [], []
     for round_ in range(args.rounds):
         with LogLines() as lines:
             airynet.main(["--mode=predict", f"--data_dir={args.work}/live/", "--dataset=r0001", "--gradcam=false",
@@ -465,7 +466,11 @@ def bench_live(args):
         rate = processed / seconds
         print(f"  round {round_ + 1}: live {rate:6.1f} frames/s, offline {offline:6.1f} shots/s, ratio "
               f"{rate / offline:.2f}; latency p99 {p99:.3f} s; received {received:.0f} = processed {processed:.0f} "
-              f"+ dropped {dropped:.0f}: {received == processed + dropped}")
+              f"+ dropped {dropped:.0f}: {received == processed + dropped}", flush=True)
+        ratios.append(rate / offline)
+        p99s.append(p99)
+    print(f"  {args.rounds} rounds: ratio median {np.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}); "
+          f"latency p99 median {np.median(p99s):.3f} s (max {max(p99s):.3f})")
 
 
 # argv: port, source, frames.npy, trains a second (0: as fast as asked). Frames cycled, train IDs counting up.
@@ -586,7 +591,9 @@ def main():
     p.add_argument("--resnet_size", type=int, default=18)
     p.add_argument("--num_worker", type=int, default=4)
     p.add_argument("--steps", type=int, help="Batches timed: input 60 a run (at most 102), train/predict 40.")
-    p.add_argument("--rounds", type=int, default=5, help="Input: timed runs per pipeline.")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="Timed runs per pipeline (input; default 5), h5 filter (default 5) or live/offline pair "
+                        "(live; default 2, about 45 s each: the ratio moves by 10-20%% between rounds).")
     p.add_argument("--predict_shots", type=int, default=480, help="Predict: shots of each end-to-end run.")
     p.add_argument("--baseline", action="store_true",
                    help="Input: also time plain per-shot pipelines (tf.image ops; h5py generator) on the same data.")
@@ -607,8 +614,8 @@ def main():
     args = p.parse_args()
     if args.steps is None:
         args.steps = 60 if args.what == "input" else 40
-    if args.what == "live":
-        args.rounds = min(args.rounds, 2)
+    if args.rounds is None:
+        args.rounds = 2 if args.what == "live" else 5
     {"input": bench_input, "train": bench_train, "predict": bench_predict, "h5": bench_h5,
      "live": bench_live, "repeat": bench_repeat}[args.what](args)
 

@@ -285,6 +285,26 @@ def test_live_flags_are_checked():
             config.parse_args(["--mode=live", "--load_dir=x", *flags])
 
 
+def test_frames_enter_tensorflow_in_place_where_aligned():
+    """The assembly buffer is aligned for TensorFlow and read in place; an array TensorFlow cannot read in
+    place (misaligned, strided) is copied, with the same values."""
+    import tensorflow as tf
+    from nn.live import TENSOR_ALIGNMENT, _aligned_zeros, _tensor
+    buffer = _aligned_zeros((3, 5, 7, 1))
+    assert buffer.shape == (3, 5, 7, 1) and buffer.dtype == np.float32 and not buffer.any()
+    assert buffer.ctypes.data % TENSOR_ALIGNMENT == 0
+    buffer[...] = np.arange(buffer.size, dtype=np.float32).reshape(buffer.shape)
+    shared = _tensor(buffer[:2])
+    buffer[0, 0, 0, 0] = -1.0  # written after: seen by the tensor, which reads the buffer itself
+    assert shared.numpy()[0, 0, 0, 0] == -1.0
+    np.testing.assert_array_equal(shared.numpy(), buffer[:2])
+    for other in (buffer[1:], buffer[:, :, ::2]):  # 140 bytes in: misaligned; every other column: strided
+        copied = _tensor(other)
+        np.testing.assert_array_equal(copied.numpy(), other)
+        # A kernel reads it (one reading a misaligned tensor in place would abort the process).
+        assert float(tf.reduce_sum(copied)) == float(other.sum())
+
+
 def test_replay_of_a_run_gives_the_offline_probabilities(run_dir, tmp_path, caplog):
     """The same run directory, predicted offline and replayed through karabo-bridge-serve-files live."""
     from test_euxfel import write_pnccd_run
