@@ -84,15 +84,6 @@ def preprocess(images, cfg, training=False, seed=None):
     crop_h, crop_w = crop_size(cfg.ori_height), crop_size(cfg.ori_width)
     top, left = (cfg.ori_height - crop_h) // 2, (cfg.ori_width - crop_w) // 2  # as resize_with_crop_or_pad
     images = images[:, top:top + crop_h, left:left + crop_w]
-    if training and recipe.uses(cfg, "augment"):
-        # Rotated before the shrink to the target size: a bilinear rotation at the target size blurred
-        # fringes a few pixels apart (README, The modern recipe). Where the shrink averages areas, part of
-        # it comes first, down to twice the target size: a quarter of the pixels to rotate, and the
-        # fringes the target resolves are still sampled finely enough to rotate with little blur.
-        images = tf.cast(images, tf.float32)
-        if area_downsampling(cfg):
-            images = tf.image.resize(images, (2 * cfg.target_height, 2 * cfg.target_width), method="area")
-        images = augment(images, tf.random.experimental.stateless_fold_in(seed, 1))
     if area_downsampling(cfg):
         images = tf.image.resize(images, (cfg.target_height, cfg.target_width), method="area")
     else:
@@ -101,6 +92,8 @@ def preprocess(images, cfg, training=False, seed=None):
         images = images / 65535.0  # the uint16 range, as the original's image-dtype conversion did
     if training:
         images = random_flips(images, seed)
+        if recipe.uses(cfg, "augment"):
+            images = augment(images, tf.random.experimental.stateless_fold_in(seed, 1))
     if cfg.target_depth == 3 and cfg.ori_depth == 1:
         images = tf.image.grayscale_to_rgb(images)
     elif cfg.target_depth == 1 and cfg.ori_depth == 3:
@@ -123,8 +116,8 @@ def augment(images, seed):
     """Each image rotated by a uniform angle about its centre, shifted by up to MAX_SHIFT of its side
     and scaled in intensity by 10^u, u uniform over INTENSITY_DECADES: symmetries of a diffraction
     pattern (the droplet's orientation, the beam's pointing, the pulse energy). One bilinear transform
-    per image (`preprocess` applies it before the shrink to the target size); corners rotated in from
-    outside are 0, as pixels outside a detector."""
+    per image, at the target size, where it costs least; corners rotated in from outside are 0, as
+    pixels outside a detector."""
     n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
     u = tf.random.stateless_uniform([4, n], seed)
     angle = 2 * math.pi * u[0]
