@@ -216,10 +216,10 @@ class Classifier:
     """Trains -> the network's input (`prepare`) -> probabilities, classes and optional maps (`__call__`).
 
     Frames are assembled into one buffer kept for the whole run: a new 4 MB image per frame cost page
-    faults (assembling took 2.4x longer live). The buffer enters TensorFlow without a copy (`_tensor`). The network sees few batch shapes: a batch is padded to the
-    next of 1, 2, 4, ... frames, `batch_frames` or --batch_size, because oneDNN builds its kernels per input
-    shape and keeps a bounded number (cycling through 24 batch sizes ran at a quarter of the speed of one
-    fixed size)."""
+    faults (assembling took 2.4x longer live); the buffer enters TensorFlow without a copy (`_tensor`).
+    The network sees few batch shapes: a batch is padded to the next of 1, 2, 4, ... frames, `batch_frames`
+    or --batch_size, because oneDNN builds its kernels per input shape and keeps a bounded number (cycling
+    through 24 batch sizes ran at a quarter of the speed of one fixed size)."""
 
     def __init__(self, cfg, model, detector, socket):
         self.detector, self.batch_size = detector, cfg.batch_size
