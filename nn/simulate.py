@@ -88,6 +88,16 @@ SHIFTED = Settings(radius=(20.0, 95.0), edge_angle=(35.0, 42.0), centre_offset=5
                    saturation=(2047.0, 16383.0), beam_stop=(4.0, 6.0), gap=(2.0, 4.0), gap_offset=3.0,
                    hot=(1e-4, 3e-3), dead=(1e-4, 3e-3))
 PRESETS = {"default": DEFAULT, "shifted": SHIFTED}
+# SHIFTED's moves one group at a time (scripts/protocol.py --per_setting: which move costs what).
+SHIFT_GROUPS = {"radius": ("radius",), "distance": ("edge_angle",), "centre": ("centre_offset",),
+                "photons": ("edge_photons",), "stray_light": ("stray", "stray_length"), "background": ("background",),
+                "gain": ("gain",), "read_noise": ("read_noise",), "saturation": ("saturation",),
+                "masks": ("beam_stop", "gap", "gap_offset"), "bad_pixels": ("hot", "dead")}
+
+
+def shifted_in(group):
+    """DEFAULT with one group of settings (a key of SHIFT_GROUPS) moved to SHIFTED's values."""
+    return dataclasses.replace(DEFAULT, **{name: getattr(SHIFTED, name) for name in SHIFT_GROUPS[group]})
 
 
 class Geometry(NamedTuple):

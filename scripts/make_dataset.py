@@ -8,7 +8,7 @@ the same shots as `--dataset=synthetic` generates in memory for the same --rando
 and size: train = shots 0..dataset_size-1, eval and predict = the held-out shots after them. Predict
 TFRecords hold bunch IDs (the shot index) instead of labels, as the original's helium files did.
 --version picks the simulator version (default: nn/simulate.py's VERSION), --shifted its SHIFTED
-settings (version 2), --eval_size the number of eval/predict shots (default: as --dataset=synthetic).
+settings (version 2), --shift=GROUP only one group of them (DEFAULT otherwise), --eval_size the number of eval/predict shots (default: as --dataset=synthetic).
 """
 import argparse
 import os
@@ -51,6 +51,8 @@ def main(argv=None):
     p.add_argument("--version", type=int, choices=simulate.VERSIONS, default=None,
                    help=f"Simulator version (default {simulate.VERSION}).")
     p.add_argument("--shifted", action="store_true", help="Version 2's SHIFTED settings (a robustness test set).")
+    p.add_argument("--shift", choices=sorted(simulate.SHIFT_GROUPS),
+                   help="Move only this group of settings to SHIFTED's values (version 2).")
     p.add_argument("--eval_size", type=int, default=None, help="Eval and predict shots (default: as --dataset=synthetic).")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -58,10 +60,12 @@ def main(argv=None):
     if existing:
         sys.exit(f"make_dataset.py: error: {args.out} already holds dataset files ({existing[0]}, ...); "
                  f"choose another --out")
-    if args.shifted and args.version == 1:
-        sys.exit("make_dataset.py: error: --shifted: version 1 has fixed settings")
+    if (args.shifted or args.shift) and args.version == 1:
+        sys.exit(f"make_dataset.py: error: {'--shifted' if args.shifted else '--shift'}: version 1 has fixed settings")
+    if args.shifted and args.shift:
+        sys.exit("make_dataset.py: error: --shifted moves every setting; --shift one group: give one of them")
     cfg = config.parse_args([f"--dataset_size={args.dataset_size}"])
-    settings = simulate.SHIFTED if args.shifted else None
+    settings = simulate.SHIFTED if args.shifted else simulate.shifted_in(args.shift) if args.shift else None
     for mode in args.modes.split(","):
         first, last = data.synthetic_range(cfg, mode)
         if args.eval_size is not None and mode != "train":

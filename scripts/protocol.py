@@ -12,8 +12,11 @@ For each seed S it writes, with scripts/make_dataset.py (version 2 of nn/simulat
   data/heldout_sS  test_shots shots of seed 100000+S: the same distribution, never seen in training;
   data/shifted_sS  test_shots shots of seed 200000+S with the SHIFTED settings (other detector
                    distance, droplet sizes, photons, gain, noise, stray light).
+With --per_setting also data/shift_GROUP_sS for each group of nn/simulate.py's SHIFT_GROUPS: the held-out
+shots (same seeds) with only that group of settings moved to SHIFTED's values, so that each group's
+cost shows on its own (a second table: macro-F1 per moved group and arm).
 Then for each arm it trains runs/train_sS_ARM_sS (`--random_seed=S` plus the arm's flags), runs
-`--mode=eval` on both test sets (kept as RUN/eval_heldout.json and RUN/eval_shifted.json) and
+`--mode=eval` on the test sets (kept as RUN/eval_heldout.json, RUN/eval_shifted.json, ...) and
 prints macro-F1 mean +- sd over the seeds and each class's mean F1. Finished steps are skipped on
 a rerun, so an interrupted protocol continues where it stopped.
 """
@@ -27,7 +30,15 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from nn.simulate import SHIFT_GROUPS  # noqa: E402
+
 SPLITS = {"heldout": (100000, False), "shifted": (200000, True)}   # seed offset, shifted settings
+
+
+def test_sets(per_setting):
+    """The test sets' names (seed suffix left out): held-out, shifted and, per setting, shift_GROUP."""
+    return list(SPLITS) + ([f"shift_{group}" for group in SHIFT_GROUPS] if per_setting else [])
 
 
 def parse_arm(text):
@@ -55,6 +66,10 @@ def make_data(args, seed, log_path):
     for split, (offset, shifted) in SPLITS.items():
         jobs[f"{split}_s{seed}"] = (["--random_seed", str(offset + seed), "--modes", "eval",
                                      "--eval_size", str(args.test_shots)] + (["--shifted"] if shifted else []))
+    if args.per_setting:  # the held-out shots, one group of settings moved
+        for group in SHIFT_GROUPS:
+            jobs[f"shift_{group}_s{seed}"] = ["--random_seed", str(SPLITS["heldout"][0] + seed), "--modes", "eval",
+                                              "--eval_size", str(args.test_shots), "--shift", group]
     for name, flags in jobs.items():
         out = os.path.join(data, name)
         if os.path.isdir(out) and any(f.startswith("part") for f in os.listdir(out)):
@@ -79,7 +94,7 @@ def train_and_eval(args, arm, flags, seed, log_path):
              f"--dataset_size={args.train_shots}", f"--train_steps={args.steps}", f"--steps_per_eval={args.steps}",
              "--eval_steps=2", f"--batch_size={args.batch}", f"--num_worker={args.num_worker}"]
             + size + flags, log_path)
-    for split in SPLITS:
+    for split in test_sets(args.per_setting):
         kept = os.path.join(run_dir, f"eval_{split}.json")
         if os.path.exists(kept):
             continue
@@ -89,11 +104,11 @@ def train_and_eval(args, arm, flags, seed, log_path):
     return run_dir
 
 
-def collect(runs_dir, arms, seeds):
+def collect(runs_dir, arms, seeds, splits=tuple(SPLITS)):
     """{arm: {split: [metrics dict per seed]}} from the kept eval files; missing ones are left out."""
     found = {}
     for arm in arms:
-        for split in SPLITS:
+        for split in splits:
             for seed in seeds:
                 path = os.path.join(runs_dir, f"train_s{seed}_{arm}_s{seed}", f"eval_{split}.json")
                 if os.path.exists(path):
@@ -134,6 +149,24 @@ def format_table(found):
     return "\n".join(lines)
 
 
+def format_setting_table(found):
+    """A Markdown table of macro-F1 mean +- sd: one row per test set (held-out, each moved group of settings,
+    shifted), one column per arm."""
+    arms = list(found)
+    rows = [split for split in test_sets(True) if any(split in found[arm] for arm in arms)]
+    order = ["heldout"] + [r for r in rows if r.startswith("shift_")] + ["shifted"]
+    lines = ["| test set | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for split in (r for r in order if r in rows):
+        cells = []
+        for arm in arms:
+            s = summarise(found[arm][split]) if split in found[arm] else None
+            cells.append(f"{s['macro_f1']:.3f} ± {s['sd']:.3f} ({s['seeds']})" if s else "")
+        name = {"heldout": "held-out (nothing moved)", "shifted": "shifted (everything moved)"}.get(
+            split, split.removeprefix("shift_") + " moved")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="Folder for data, runs, logs (reused: finished steps are skipped).")
@@ -147,6 +180,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--num_worker", type=int, default=2)
+    p.add_argument("--per_setting", action="store_true",
+                   help="Also test on the held-out shots with one group of settings moved at a time (11 more test sets).")
     p.add_argument("--table_only", action="store_true", help="Only print the table of what is finished.")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)   # the commands run from the repository root
@@ -159,7 +194,10 @@ def main(argv=None):
             make_data(args, seed, log_path)
             for arm, flags in arms.items():
                 print(f"seed {seed}, arm {arm}: {train_and_eval(args, arm, flags, seed, log_path)}", flush=True)
-    table = format_table(collect(os.path.join(args.out, "runs"), list(arms), seeds))
+    found = collect(os.path.join(args.out, "runs"), list(arms), seeds, test_sets(args.per_setting))
+    table = format_table(found)
+    if args.per_setting:
+        table += "\n\nmacro-F1 (seeds) with one group of settings moved:\n\n" + format_setting_table(found)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")

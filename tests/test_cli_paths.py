@@ -343,6 +343,23 @@ def test_make_dataset_writes_the_synthetic_shots(tmp_path):
     assert len(os.listdir(tmp_path / "tfrecord")) == 3
 
 
+def test_make_dataset_moves_one_group_of_settings(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_dataset
+    make_dataset.main([f"--out={tmp_path / 'masks'}", f"--size={SIZE}", "--modes=eval", "--eval_size=3",
+                       "--random_seed=5", "--shift=masks"])
+    first, _ = data.synthetic_range(config.parse_args(["--dataset_size=7264"]), "eval")
+    images, _ = simulate.simulate(3, 5, SIZE, start=first, settings=simulate.shifted_in("masks"))
+    [path] = os.listdir(tmp_path / "masks")
+    record = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(str(tmp_path / "masks" / path)))).numpy())
+    stored = np.frombuffer(record.features.feature["image/encoded"].bytes_list.value[0], np.uint16)
+    np.testing.assert_array_equal(stored.reshape(images[0].shape), images[0])
+    for flags, message in ((["--shift=masks", "--shifted"], "give one of them"),
+                           (["--shift=masks", "--version=1"], "--shift: version 1")):
+        with pytest.raises(SystemExit, match=message):
+            make_dataset.main([f"--out={tmp_path / 'bad'}", "--modes=eval", *flags])
+
+
 def test_baseline_logreg_runs_and_fits_a_separable_problem():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import baseline_logreg

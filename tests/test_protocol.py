@@ -43,3 +43,21 @@ def test_collect_summarise_and_table(tmp_path):
     assert table[2] == "| c0 | 0.800 | 0.500 |" and table[4] == "| c2 | n/a | 0.400 |"
     assert table[-1] == "| **macro-F1** | **0.700 ± 0.141** | **0.500 ± 0.000** |"
     assert protocol.format_table({}) == "no finished evaluations"
+
+
+def test_per_setting_test_sets_and_table(tmp_path):
+    assert protocol.test_sets(False) == ["heldout", "shifted"]
+    sets = protocol.test_sets(True)
+    assert sets[:2] == ["heldout", "shifted"] and "shift_masks" in sets and len(sets) == 2 + 11
+    runs = str(tmp_path)
+    for seed, macro in ((0, 0.8), (1, 0.6)):
+        write_metrics(os.path.join(runs, f"train_s{seed}_modern_s{seed}"), "heldout", macro, [0.5])
+        write_metrics(os.path.join(runs, f"train_s{seed}_modern_s{seed}"), "shift_masks", macro - 0.2, [0.5])
+        write_metrics(os.path.join(runs, f"train_s{seed}_modern_s{seed}"), "shifted", macro - 0.3, [0.5])
+    write_metrics(os.path.join(runs, "train_s0_paper_s0"), "shift_photons", 0.4, [0.5])
+    found = protocol.collect(runs, ["modern", "paper"], [0, 1], sets)
+    table = protocol.format_setting_table(found).splitlines()
+    assert table[0] == "| test set | modern | paper |"
+    assert table[2] == "| held-out (nothing moved) | 0.700 ± 0.141 (2) |  |"
+    assert table[3:5] == ["| photons moved |  | 0.400 ± 0.000 (1) |", "| masks moved | 0.500 ± 0.141 (2) |  |"]
+    assert table[5] == "| shifted (everything moved) | 0.400 ± 0.141 (2) |  |"

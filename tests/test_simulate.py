@@ -172,6 +172,23 @@ def test_default_is_version_2_with_the_same_labels_as_version_1():
     assert not np.array_equal(shifted, images)
 
 
+def test_each_shift_group_moves_only_its_own_settings():
+    images, labels = simulate.simulate(8, seed=3, size=32)
+    moved_anywhere = set()
+    for group, names in simulate.SHIFT_GROUPS.items():
+        settings = simulate.shifted_in(group)
+        for field in dataclasses.fields(simulate.Settings):
+            expected = simulate.SHIFTED if field.name in names else simulate.DEFAULT
+            assert getattr(settings, field.name) == getattr(expected, field.name), (group, field.name)
+        moved_anywhere.update(names)
+        shifted, shifted_labels = simulate.simulate(8, seed=3, size=32, settings=settings)
+        np.testing.assert_array_equal(shifted_labels, labels)
+        assert not np.array_equal(shifted, images), group
+    # Together the groups move every setting that SHIFTED moves.
+    assert moved_anywhere == {f.name for f in dataclasses.fields(simulate.Settings)
+                              if getattr(simulate.SHIFTED, f.name) != getattr(simulate.DEFAULT, f.name)}
+
+
 def test_unknown_version_and_settings_for_version_1_are_errors():
     with pytest.raises(AiryNetError, match="--sim_version=3"):
         simulate.simulate(1, 0, 16, version=3)
