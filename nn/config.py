@@ -19,7 +19,7 @@ HELIUM_CLASSES = ["spherical_oblate", "round", "elliptical", "prolate", "streak"
 RESNET_SIZES = (18, 34, 50, 101, 152, 200)
 VGG_SIZES = (16, 19)
 MODES = ("train", "eval", "predict", "save", "live")
-MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment", "artefacts")
+MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment")
 CONFIG_FILE = "config.json"
 FRACTIONS = (0.25, 0.5, 0.75)  # --fraction's choices, as the 2018 original's parser had them
 
@@ -126,7 +126,7 @@ def build_parser():
                         "(README, How well it learns).")
     g.add_argument("--recipe_without", type=str, default="",
                    help="Comma-separated pieces of --recipe=modern to leave out, for ablations: schedule, "
-                        "weight_decay, ema, bn_momentum, area, pos_weight, augment, artefacts.")
+                        "weight_decay, ema, bn_momentum, area, pos_weight, augment.")
     g.add_argument("--calibration_fraction", type=float, default=None,
                    help="Share of the training shots held out, never trained on, to choose each class's "
                         "decision threshold at the end of training (default 0.1 with --recipe=modern, else 0).")

@@ -15,12 +15,6 @@ from nn.config import crop_size
 
 MAX_SHIFT = 0.04            # --recipe=modern: centre shifts up to this share of the image side...
 INTENSITY_DECADES = 1.0     # ...and intensities scaled by a factor spread log-uniformly over a decade
-# Detector artefacts added in training (--recipe=modern), lengths in pixels of a 64 px image (scaled with the
-# target size), each kind on half the shots: a beam stop of this radius, a module gap of this width (straight
-# or a cross) this far off centre, and dead and hot pixels, each kind at a share spread log-uniformly here.
-BEAM_STOP_RADIUS = (2.0, 7.0)
-GAP_WIDTH, GAP_OFFSET = (1.0, 5.0), 4.0
-BAD_PIXEL_SHARE = (1e-4, 3e-3)
 
 
 def random_flips(images, seed):
@@ -100,8 +94,6 @@ def preprocess(images, cfg, training=False, seed=None):
         images = random_flips(images, seed)
         if recipe.uses(cfg, "augment"):
             images = augment(images, tf.random.experimental.stateless_fold_in(seed, 1))
-        if recipe.uses(cfg, "artefacts"):
-            images = detector_artefacts(images, tf.random.experimental.stateless_fold_in(seed, 2))
     if cfg.target_depth == 3 and cfg.ori_depth == 1:
         images = tf.image.grayscale_to_rgb(images)
     elif cfg.target_depth == 1 and cfg.ori_depth == 3:
@@ -141,40 +133,3 @@ def augment(images, seed):
         images=images, transforms=transforms, output_shape=[height, width], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="CONSTANT")
     return images * gain[:, None, None, None]
-
-
-def detector_artefacts(images, seed):
-    """What changes from one detector or beamtime to the next, added to each image at random: a beam stop
-    (a disc of zeros near the centre), a module gap (a straight or crossed band of zeros), dead pixels
-    (zeros) and hot pixels (between a tenth of the image's maximum and the maximum). Each kind appears
-    on half the images. The simulator draws all of these too, from narrower ranges: a network that has
-    seen larger beam stops, wider gaps and more bad pixels than one setting gives has learned to look past
-    them rather than at them (README, The modern recipe)."""
-    n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
-    scale = width / 64.0
-    u = tf.random.stateless_uniform([10, n], seed)
-    on = u[:3] < 0.5                                            # beam stop, gap, bad pixels
-    per_image = lambda v: tf.reshape(v, [-1, 1, 1, 1])  # noqa: E731
-    y = tf.reshape(tf.range(height, dtype=tf.float32) - (height - 1) / 2, [1, -1, 1, 1])
-    x = tf.reshape(tf.range(width, dtype=tf.float32) - (width - 1) / 2, [1, 1, -1, 1])
-    # Beam stop: anywhere the beam may be after the augmentation's shift.
-    low, high = BEAM_STOP_RADIUS
-    radius = per_image(scale * (low + (high - low) * u[3]))
-    cx, cy = (per_image((2 * u[i] - 1) * MAX_SHIFT * width) for i in (4, 5))
-    stop = per_image(on[0]) & ((x - cx) ** 2 + (y - cy) ** 2 < radius ** 2)
-    # Module gap: a band across the image, horizontal or vertical, or both (a cross).
-    low, high = GAP_WIDTH
-    half = per_image(scale * (low + (high - low) * u[6]) / 2)
-    offset = per_image(scale * GAP_OFFSET * (2 * u[7] - 1))
-    kind = per_image(tf.cast(3 * u[8], tf.int32))              # 0: rows, 1: columns, 2: both
-    gap = per_image(on[1]) & (((kind != 1) & (tf.abs(y - offset) < half)) | ((kind != 0) & (tf.abs(x - offset) < half)))
-    # Dead and hot pixels, each at a share drawn log-uniformly.
-    low, high = np.log10(BAD_PIXEL_SHARE)
-    share = per_image(tf.where(on[2], 10.0 ** (low + (high - low) * u[9]), 0.0))
-    pixels = tf.random.stateless_uniform(tf.shape(images), tf.random.experimental.stateless_fold_in(seed, 1))
-    dead, hot = pixels < share, pixels > 1 - share
-    brightest = tf.reduce_max(images, axis=[1, 2, 3], keepdims=True)
-    hot_value = brightest * 10.0 ** -tf.random.stateless_uniform(
-        tf.shape(images), tf.random.experimental.stateless_fold_in(seed, 2))
-    images = tf.where(hot, hot_value, images)
-    return tf.where(stop | gap | dead, 0.0, images)
