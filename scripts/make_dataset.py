@@ -8,7 +8,8 @@ the same shots as `--dataset=synthetic` generates in memory for the same --rando
 and size: train = shots 0..dataset_size-1, eval and predict = the held-out shots after them. Predict
 TFRecords hold bunch IDs (the shot index) instead of labels, as the original's helium files did.
 --version picks the simulator version (default: nn/simulate.py's VERSION), --shifted its SHIFTED
-settings (version 2), --shift=GROUP only one group of them (DEFAULT otherwise), --eval_size the number of eval/predict shots (default: as --dataset=synthetic).
+settings (version 2), --shift=GROUP only one group of them (DEFAULT otherwise), --eval_size the number
+of eval/predict shots (default: as --dataset=synthetic).
 """
 import argparse
 import os
@@ -61,7 +62,8 @@ def main(argv=None):
         sys.exit(f"make_dataset.py: error: {args.out} already holds dataset files ({existing[0]}, ...); "
                  f"choose another --out")
     if (args.shifted or args.shift) and args.version == 1:
-        sys.exit(f"make_dataset.py: error: {'--shifted' if args.shifted else '--shift'}: version 1 has fixed settings")
+        flag = "--shifted" if args.shifted else "--shift"
+        sys.exit(f"make_dataset.py: error: {flag}: version 1 has fixed settings")
     if args.shifted and args.shift:
         sys.exit("make_dataset.py: error: --shifted moves every setting; --shift one group: give one of them")
     cfg = config.parse_args([f"--dataset_size={args.dataset_size}"])

@@ -36,7 +36,7 @@ from nn.simulate import SHIFT_GROUPS  # noqa: E402
 SPLITS = {"heldout": (100000, False), "shifted": (200000, True)}   # seed offset, shifted settings
 
 
-def test_sets(per_setting):
+def evaluation_sets(per_setting):
     """The test sets' names (seed suffix left out): held-out, shifted and, per setting, shift_GROUP."""
     return list(SPLITS) + ([f"shift_{group}" for group in SHIFT_GROUPS] if per_setting else [])
 
@@ -94,7 +94,7 @@ def train_and_eval(args, arm, flags, seed, log_path):
              f"--dataset_size={args.train_shots}", f"--train_steps={args.steps}", f"--steps_per_eval={args.steps}",
              "--eval_steps=2", f"--batch_size={args.batch}", f"--num_worker={args.num_worker}"]
             + size + flags, log_path)
-    for split in test_sets(args.per_setting):
+    for split in evaluation_sets(args.per_setting):
         kept = os.path.join(run_dir, f"eval_{split}.json")
         if os.path.exists(kept):
             continue
@@ -153,10 +153,9 @@ def format_setting_table(found):
     """A Markdown table of macro-F1 mean +- sd: one row per test set (held-out, each moved group of settings,
     shifted), one column per arm."""
     arms = list(found)
-    rows = [split for split in test_sets(True) if any(split in found[arm] for arm in arms)]
-    order = ["heldout"] + [r for r in rows if r.startswith("shift_")] + ["shifted"]
+    order = ["heldout"] + [f"shift_{group}" for group in SHIFT_GROUPS] + ["shifted"]
     lines = ["| test set | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-    for split in (r for r in order if r in rows):
+    for split in (s for s in order if any(s in found[arm] for arm in arms)):
         cells = []
         for arm in arms:
             s = summarise(found[arm][split]) if split in found[arm] else None
@@ -181,7 +180,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--num_worker", type=int, default=2)
     p.add_argument("--per_setting", action="store_true",
-                   help="Also test on the held-out shots with one group of settings moved at a time (11 more test sets).")
+                   help="Also test on the held-out shots with one group of settings moved at a time "
+                        "(11 more test sets).")
     p.add_argument("--table_only", action="store_true", help="Only print the table of what is finished.")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)   # the commands run from the repository root
@@ -194,7 +194,7 @@ def main(argv=None):
             make_data(args, seed, log_path)
             for arm, flags in arms.items():
                 print(f"seed {seed}, arm {arm}: {train_and_eval(args, arm, flags, seed, log_path)}", flush=True)
-    found = collect(os.path.join(args.out, "runs"), list(arms), seeds, test_sets(args.per_setting))
+    found = collect(os.path.join(args.out, "runs"), list(arms), seeds, evaluation_sets(args.per_setting))
     table = format_table(found)
     if args.per_setting:
         table += "\n\nmacro-F1 (seeds) with one group of settings moved:\n\n" + format_setting_table(found)

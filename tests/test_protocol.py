@@ -46,8 +46,8 @@ def test_collect_summarise_and_table(tmp_path):
 
 
 def test_per_setting_test_sets_and_table(tmp_path):
-    assert protocol.test_sets(False) == ["heldout", "shifted"]
-    sets = protocol.test_sets(True)
+    assert protocol.evaluation_sets(False) == ["heldout", "shifted"]
+    sets = protocol.evaluation_sets(True)
     assert sets[:2] == ["heldout", "shifted"] and "shift_masks" in sets and len(sets) == 2 + 11
     runs = str(tmp_path)
     for seed, macro in ((0, 0.8), (1, 0.6)):
