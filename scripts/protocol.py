@@ -33,12 +33,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from nn.simulate import SHIFT_GROUPS  # noqa: E402
 
-SPLITS = {"heldout": (100000, False), "shifted": (200000, True)}   # seed offset, shifted settings
+SPLITS = {"heldout": (100000, []), "shifted": (200000, ["--shifted"])}   # seed offset, make_dataset flags
 
 
 def evaluation_sets(per_setting):
     """The test sets' names (seed suffix left out): held-out, shifted and, per setting, shift_GROUP."""
     return list(SPLITS) + ([f"shift_{group}" for group in SHIFT_GROUPS] if per_setting else [])
+
+
+def simulated_as(split):
+    """(seed offset, make_dataset flags) of a test set; shift_GROUP: the held-out shots, that group moved."""
+    if split in SPLITS:
+        return SPLITS[split]
+    return SPLITS["heldout"][0], ["--shift", split.removeprefix("shift_")]
 
 
 def parse_arm(text):
@@ -59,17 +66,14 @@ def run(cmd, log_path):
 
 
 def make_data(args, seed, log_path):
-    """The three data sets of one seed (skipping those already written)."""
+    """The training set and the test sets of one seed (skipping those already written)."""
     data = os.path.join(args.out, "data")
     jobs = {f"train_s{seed}": ["--random_seed", str(seed), "--dataset_size", str(args.train_shots),
                                "--modes", "train,eval", "--eval_size", str(2 * args.batch)]}
-    for split, (offset, shifted) in SPLITS.items():
-        jobs[f"{split}_s{seed}"] = (["--random_seed", str(offset + seed), "--modes", "eval",
-                                     "--eval_size", str(args.test_shots)] + (["--shifted"] if shifted else []))
-    if args.per_setting:  # the held-out shots, one group of settings moved
-        for group in SHIFT_GROUPS:
-            jobs[f"shift_{group}_s{seed}"] = ["--random_seed", str(SPLITS["heldout"][0] + seed), "--modes", "eval",
-                                              "--eval_size", str(args.test_shots), "--shift", group]
+    for split in evaluation_sets(args.per_setting):
+        offset, flags = simulated_as(split)
+        jobs[f"{split}_s{seed}"] = ["--random_seed", str(offset + seed), "--modes", "eval",
+                                    "--eval_size", str(args.test_shots), *flags]
     for name, flags in jobs.items():
         out = os.path.join(data, name)
         if os.path.isdir(out) and any(f.startswith("part") for f in os.listdir(out)):
@@ -153,7 +157,7 @@ def format_setting_table(found):
     """A Markdown table of macro-F1 mean +- sd: one row per test set (held-out, each moved group of settings,
     shifted), one column per arm."""
     arms = list(found)
-    order = ["heldout"] + [f"shift_{group}" for group in SHIFT_GROUPS] + ["shifted"]
+    order = [s for s in evaluation_sets(True) if s != "shifted"] + ["shifted"]
     lines = ["| test set | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for split in (s for s in order if any(s in found[arm] for arm in arms)):
         cells = []
