@@ -230,11 +230,12 @@ class Classifier:
         self.maps_step = make_step(cfg, model, maps="layer") if cfg.gradcam_every else None
         self.shapes = [cfg.batch_size]
         try:  # trace now, so that the first train waits for no tracing; and fail early on a mismatch
-            self(self._prepared_buffer(1), np.ones(1, bool))
+            full = self._prepared_buffer(self.batch_size)
+            self(full[:1], np.ones(1, bool))
             # A timed full batch sizes the batches (timed the second time: the first builds its kernels).
-            self(self._prepared_buffer(self.batch_size), np.zeros(self.batch_size, bool))
+            self(full, np.zeros(self.batch_size, bool))
             started = time.monotonic()
-            self(self._prepared_buffer(self.batch_size), np.zeros(self.batch_size, bool))
+            self(full, np.zeros(self.batch_size, bool))
             seconds_per_frame = (time.monotonic() - started) / self.batch_size
         except Exception as e:
             raise AiryNetError(f"--load_dir={cfg.load_dir}: the run's model cannot take frames of "
@@ -243,7 +244,7 @@ class Classifier:
         self.batch_frames = int(np.clip(BATCH_SECONDS[socket] / seconds_per_frame, 1, self.batch_size))
         self.shapes = sorted({2 ** k for k in range(self.batch_frames.bit_length())}
                              | {self.batch_frames, self.batch_size})
-        self(self._prepared_buffer(self.batch_frames), np.zeros(self.batch_frames, bool))  # its kernels
+        self(full[:self.batch_frames], np.zeros(self.batch_frames, bool))  # its kernels
 
     def prepare(self, trains):
         """The frames of `trains`, assembled and preprocessed: the network's input [N, h, w, d]."""
