@@ -50,7 +50,7 @@ def run(cfg):
     # Set on every run, "none" included: the policy is global and must not leak into a later run in this process.
     keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[cfg.mixed_precision])
 
-    from nn import cxi
+    from nn.inputs import cxi
     try:
         return dispatch(cfg)
     finally:
@@ -68,7 +68,7 @@ def dispatch(cfg):
     from nn import checkpoints
     model, _ = checkpoints.restore_model(cfg)
     if cfg.mode == "live":
-        from nn import live
+        from nn.beamline import live
         return live.run(cfg, model)
     if cfg.mode == "predict":
         from nn import predict

@@ -1,12 +1,14 @@
 """The end of a training run with --calibration_fraction > 0: each class's decision threshold, chosen
-on the calibration split (training shots held out from training, never eval shots; nn/data.py) to
+on the calibration split (training shots held out from training, never eval shots; nn/inputs/data.py) to
 maximise its F1, written to RUN/thresholds.json for eval, predict and save."""
 import logging
 
 import numpy as np
 import tensorflow as tf
 
-from nn import checkpoints, config, data, metrics, networks
+from nn import checkpoints, config, metrics
+from nn.inputs import data
+from nn.models import networks
 
 log = logging.getLogger("airynet")
 

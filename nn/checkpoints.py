@@ -14,7 +14,7 @@ import tensorflow as tf
 from nn import recipe
 from nn.config import AiryNetError, first_line
 from nn.files import atomic_file
-from nn.networks import build_model
+from nn.models.networks import build_model
 
 log = logging.getLogger("airynet")
 

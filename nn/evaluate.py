@@ -8,7 +8,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import checkpoints, config, data, metrics, networks
+from nn import checkpoints, config, metrics
+from nn.inputs import data
+from nn.models import networks
 from nn.config import AiryNetError
 from nn.files import atomic_file
 

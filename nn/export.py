@@ -2,7 +2,7 @@
 
 Its `serving_default` signature takes `images`, float32 [N, ori_height, ori_width, ori_depth] raw
 detector images (photon counts, as stored in the data files), applies the same preprocessing as
---mode=predict (nn.preprocess.preprocess: scaling, centre crop, resize, gray/RGB) and returns
+--mode=predict (nn.inputs.preprocess.preprocess: scaling, centre crop, resize, gray/RGB) and returns
 `probabilities` float32 [N, num_classes] and `classes` int32 [N, num_classes] (0/1 flags).
 
     loaded = tf.saved_model.load(save_dir)
@@ -18,9 +18,10 @@ import tempfile
 
 import tensorflow as tf
 
-from nn import checkpoints, networks
+from nn import checkpoints
+from nn.models import networks
 from nn.config import AiryNetError, first_line
-from nn.preprocess import preprocess
+from nn.inputs.preprocess import preprocess
 
 log = logging.getLogger("airynet")
 

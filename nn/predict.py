@@ -17,7 +17,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import checkpoints, config, data, gradcam, h5out, networks, tfrecord
+from nn import checkpoints, config
+from nn.inputs import data, tfrecord
+from nn.models import gradcam, networks
+from nn.outputs import h5out
 from nn.config import AiryNetError, first_line
 from nn.files import partial_name
 
@@ -353,7 +356,7 @@ def _fields(cfg, map_shape, has_labels, images, conv=None):
 # The run
 
 def run(cfg, model, dataset=None):
-    """Predict every record of `dataset` (default: nn.data.dataset(cfg, "predict", shard=...)) and
+    """Predict every record of `dataset` (default: nn.inputs.data.dataset(cfg, "predict", shard=...)) and
     write the files described in the module docstring."""
     shard = shard_of(cfg)
     paths = output_paths(cfg.predict_dir, cfg.dataset, shard, cfg.save_npy)

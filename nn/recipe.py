@@ -8,7 +8,7 @@
   * batch-norm moving averages with momentum BN_MOMENTUM, which forget the first steps' statistics
     within a run of a thousand steps;
   * positive-class weights in the sigmoid cross-entropy for rare classes (`positive_weights`);
-  * and, in nn/preprocess.py, area downsampling and stronger augmentation.
+  * and, in nn/inputs/preprocess.py, area downsampling and stronger augmentation.
 
 The paper's recipe never calls this module's training pieces, so it stays what it was.
 """

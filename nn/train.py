@@ -23,7 +23,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import calibrate, checkpoints, config, data, distribute, metrics, networks, recipe
+from nn import calibrate, checkpoints, config, distribute, metrics, recipe
+from nn.inputs import data
+from nn.models import networks
 from nn.config import AiryNetError
 from nn.signals import StopSignal
 

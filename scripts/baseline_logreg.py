@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nn.config import HELIUM_CLASSES, crop_size  # noqa: E402
-from nn.simulate import simulate  # noqa: E402
+from nn.inputs.simulate import simulate  # noqa: E402
 
 GRID = 32
 

@@ -30,7 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nn import config, cxi, data, simulate, tfrecord  # noqa: E402
+from nn import config  # noqa: E402
+from nn.inputs import cxi, data, simulate, tfrecord
 
 
 def make_cfg(args, *flags):
@@ -152,7 +153,7 @@ def bench_input(args):
 
 def bench_train(args):
     from nn import train
-    from nn.networks import build_model
+    from nn.models.networks import build_model
     cfg = make_cfg(args, "--dataset=synthetic")
     model = build_model(cfg)
     optimizer = train.make_optimizer(cfg, model)
@@ -206,7 +207,7 @@ def write_predict_data(args, n):
     """A TFRecord of n synthetic shots with bunch IDs (the predict schema) and a run directory holding
     an initialised network (checkpoint and config.json), both written once."""
     from nn import checkpoints
-    from nn.networks import build_model
+    from nn.models.networks import build_model
     directory = os.path.join(args.work, f"predict{args.size}_{n}")
     run_dir = os.path.join(args.work, f"run_resnet{args.resnet_size}_{args.target}")
     if not os.path.isdir(directory):
@@ -256,7 +257,7 @@ CLI_OPTIONS = {"defaults (txt, h5 with maps and images)": ([], "with maps (layer
 
 def bench_predict(args):
     from nn import predict
-    from nn.networks import build_model
+    from nn.models.networks import build_model
     cfg = make_cfg(args, "--dataset=synthetic")
     model = build_model(cfg)
     rates = predict.benchmark(cfg, model, args.steps)
@@ -326,9 +327,9 @@ def h5_filters():
 
 def bench_h5(args):
     """Write the outputs of a predict run with each filter as StackedWriter does (chunks from
-    nn.h5out.chunk_rows, batches of --batch_size), then read everything and single shots back."""
+    nn.outputs.h5out.chunk_rows, batches of --batch_size), then read everything and single shots back."""
     import h5py
-    from nn import h5out
+    from nn.outputs import h5out
     outputs = predict_outputs(args)
     path = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench.h5")
     raw = sum(v.nbytes for v in outputs.values())
@@ -505,7 +506,7 @@ def torch_net(cfg):
         sys.exit("--compare_torch needs PyTorch: pip install torch==2.13.0")
     from torch import nn
     from torch.nn import functional as F
-    from nn import resnet
+    from nn.models import resnet
     blocks, bottleneck = resnet.SIZES[cfg.resnet_size]
     if bottleneck:
         sys.exit(f"--compare_torch: only the basic-block ResNets (18, 34), not --resnet_size={cfg.resnet_size}")
@@ -517,7 +518,7 @@ def torch_net(cfg):
             self.bn1, self.bn2 = nn.BatchNorm2d(c_in, eps=1e-5), nn.BatchNorm2d(c_out, eps=1e-5)
             self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
             self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-            self.proj = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if project else None  # as nn/resnet.py
+            self.proj = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if project else None  # as nn/models/resnet.py
 
         def forward(self, x):
             pre = F.leaky_relu(self.bn1(x), slope)

@@ -21,8 +21,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nn import config, networks, recipe, simulate, train  # noqa: E402
-from nn.preprocess import preprocess  # noqa: E402
+from nn import config, recipe, train  # noqa: E402
+from nn.inputs import simulate
+from nn.models import networks
+from nn.inputs.preprocess import preprocess  # noqa: E402
 
 
 def make_step(cfg, shots, labels):

@@ -7,7 +7,7 @@ writes part{K}_train.*, part{K}_eval.* and part{K}_predict.* files (at most --pe
 the same shots as `--dataset=synthetic` generates in memory for the same --random_seed, --dataset_size
 and size: train = shots 0..dataset_size-1, eval and predict = the held-out shots after them. Predict
 TFRecords hold bunch IDs (the shot index) instead of labels, as the original's helium files did.
---version picks the simulator version (default: nn/simulate.py's VERSION), --shifted its SHIFTED
+--version picks the simulator version (default: nn/inputs/simulate.py's VERSION), --shifted its SHIFTED
 settings (version 2), --shift=GROUP only one group of them (DEFAULT otherwise), --eval_size the number
 of eval/predict shots (default: as --dataset=synthetic).
 """
@@ -21,7 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from nn import config, cxi, data, simulate, tfrecord  # noqa: E402
+from nn import config  # noqa: E402
+from nn.inputs import cxi, data, simulate, tfrecord
 
 EXTENSIONS = {"tfrecord": "tfrecord", "cxi_shots": "cxi", "cxi_stacked": "cxi"}
 

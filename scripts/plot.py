@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Render PNGs to look at (see nn/plots.py):
+"""Render PNGs to look at (see nn/outputs/plots.py):
 
     python scripts/plot.py gallery predictions/helium.h5 --out=gallery.png [--shots=8 --start=0 --class=round]
     python scripts/plot.py eval logs/helium_RUN [--out_dir=logs/helium_RUN/eval]
@@ -14,7 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nn import config, plots, simulate  # noqa: E402
+from nn import config  # noqa: E402
+from nn.inputs import simulate
+from nn.outputs import plots
 
 
 def main(argv=None):
@@ -29,7 +31,7 @@ def main(argv=None):
     e = sub.add_parser("eval", help="Confusion counts and precision-recall curves of an eval run.")
     e.add_argument("run_dir", help="A run directory after --mode=eval (holds eval/scores.npz).")
     e.add_argument("--out_dir", default=None, help="Where to write the PNGs (default: RUN/eval).")
-    s = sub.add_parser("simulated", help="Simulated shots of every class (nn/simulate.py), one row per class.")
+    s = sub.add_parser("simulated", help="Simulated shots of every class (nn/inputs/simulate.py), one row per class.")
     s.add_argument("--out", required=True, help="The PNG to write.")
     s.add_argument("--size", type=int, default=259, help="Stored image size.")
     s.add_argument("--per_class", type=int, default=5, help="Shots per class (columns).")

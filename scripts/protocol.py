@@ -6,13 +6,13 @@ the command line, as a user would run it.
     python scripts/protocol.py --out=protocol --arm paper="" --arm no_log="--use_log_act=false" \\
         --seeds=0,1,2 --train_shots=3000 --test_shots=800 --size=259 --target=64 --steps=1200
 
-For each seed S it writes, with scripts/make_dataset.py (version 2 of nn/simulate.py, TFRecords):
+For each seed S it writes, with scripts/make_dataset.py (version 2 of nn/inputs/simulate.py, TFRecords):
   data/train_sS    training shots 0..train_shots-1 of simulator seed S (and a few eval shots after
                    them, for the check at the end of training);
   data/heldout_sS  test_shots shots of seed 100000+S: the same distribution, never seen in training;
   data/shifted_sS  test_shots shots of seed 200000+S with the SHIFTED settings (other detector
                    distance, droplet sizes, photons, gain, noise, stray light).
-With --per_setting also data/shift_GROUP_sS for each group of nn/simulate.py's SHIFT_GROUPS: the held-out
+With --per_setting also data/shift_GROUP_sS for each group of nn/inputs/simulate.py's SHIFT_GROUPS: the held-out
 shots (same seeds) with only that group of settings moved to SHIFTED's values, so that each group's
 cost shows on its own (a second table: macro-F1 per moved group and arm).
 Then for each arm it trains runs/train_sS_ARM_sS (`--random_seed=S` plus the arm's flags), runs
@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from nn.simulate import SHIFT_GROUPS  # noqa: E402
+from nn.inputs.simulate import SHIFT_GROUPS  # noqa: E402
 
 SPLITS = {"heldout": (100000, []), "shifted": (200000, ["--shifted"])}   # seed offset, make_dataset flags
 

@@ -9,7 +9,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from nn import config, cxi, simulate, tfrecord  # noqa: E402
+from nn import config  # noqa: E402
+from nn.inputs import cxi, simulate, tfrecord
 
 SIZE = 40  # stored size of the test shots: crop to 32, then resize to the target
 

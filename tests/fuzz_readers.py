@@ -20,7 +20,8 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from nn import config, cxi, data, simulate, tfrecord  # noqa: E402
+from nn import config  # noqa: E402
+from nn.inputs import cxi, data, simulate, tfrecord
 
 SIZE = 24
 FLAGS = [f"--ori_width={SIZE}", f"--ori_height={SIZE}", "--target_width=16", "--target_height=16",

@@ -18,7 +18,10 @@ import tensorflow as tf
 
 import airynet
 from conftest import SIZE
-from nn import checkpoints, config, cxi, data, metrics, plots, simulate, tfrecord, train, vgg
+from nn import checkpoints, config, metrics, train
+from nn.inputs import cxi, data, simulate, tfrecord
+from nn.models import vgg
+from nn.outputs import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [f"--ori_width={SIZE}", f"--ori_height={SIZE}", "--target_width=32", "--target_height=32",

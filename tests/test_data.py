@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import SIZE, make_cfg
-from nn import config, cxi, data, preprocess, tfrecord
+from nn import config
+from nn.inputs import cxi, data, preprocess, tfrecord
 from nn.config import AiryNetError
 
 

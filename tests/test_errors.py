@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import airynet
-from nn import cxi
+from nn.inputs import cxi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--ori_width=40", "--ori_height=40", "--target_width=32", "--target_height=32", "--batch_size=4",

@@ -1,4 +1,4 @@
-"""EuXFEL detectors (nn/detectors.py) and run directories (nn/euxfel.py), on mock runs written with
+"""EuXFEL detectors (nn/inputs/detectors.py) and run directories (nn/inputs/euxfel.py), on mock runs written with
 EXtra-data's own test writer; no model involved."""
 import os
 
@@ -9,7 +9,7 @@ from extra_data.tests.mockdata import write_file
 from extra_data.tests.mockdata.base import DeviceBase
 
 from conftest import make_cfg
-from nn import data, detectors, euxfel, simulate
+from nn.inputs import data, detectors, euxfel, simulate
 from nn.config import AiryNetError
 
 PNCCD = "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0"

@@ -7,7 +7,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import SIZE, make_cfg
-from nn import export, networks, predict, preprocess
+from nn import export, predict
+from nn.inputs import preprocess
+from nn.models import networks
 from nn.config import AiryNetError
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nn import config, gradcam, networks
+from nn import config
+from nn.models import gradcam, networks
 
 LAYER = "last_block_before_fc"
 

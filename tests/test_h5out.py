@@ -1,4 +1,4 @@
-"""nn/h5out.py: the writer thread (order, bounded queue, errors) and plain-HDF5 output with gzip."""
+"""nn/outputs/h5out.py: the writer thread (order, bounded queue, errors) and plain-HDF5 output with gzip."""
 import subprocess
 import sys
 import threading
@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from nn import h5out, predict
+from nn import predict
+from nn.outputs import h5out
 
 
 def test_writer_thread_keeps_order_and_bounds_its_queue():

@@ -1,6 +1,6 @@
 """--mode=live against the Karabo bridge library's own servers, on loopback addresses only.
 
-Shots come from nn/simulate.py, shaped like pnCCD frames (64x64 here, so that the tests are fast), from
+Shots come from nn/inputs/simulate.py, shaped like pnCCD frames (64x64 here, so that the tests are fast), from
 karabo_bridge.ServerInThread, from the simulated AGIPD server and from `karabo-bridge-serve-files`
 replaying a mock run directory. Every loop is bounded (--live_seconds, timeouts), every server stopped.
 """
@@ -19,7 +19,7 @@ import pytest
 from karabo_bridge import Client, ServerInThread
 
 import airynet
-from nn import simulate
+from nn.inputs import simulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNCCD = "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output"
@@ -289,7 +289,7 @@ def test_frames_enter_tensorflow_in_place_where_aligned():
     """The assembly buffer is aligned for TensorFlow and read in place; an array TensorFlow cannot read in
     place (misaligned, strided) is copied, with the same values."""
     import tensorflow as tf
-    from nn.live import TENSOR_ALIGNMENT, _aligned_zeros, _tensor
+    from nn.beamline.live import TENSOR_ALIGNMENT, _aligned_zeros, _tensor
     buffer = _aligned_zeros((3, 5, 7, 1))
     assert buffer.shape == (3, 5, 7, 1) and buffer.dtype == np.float32 and not buffer.any()
     assert buffer.ctypes.data % TENSOR_ALIGNMENT == 0

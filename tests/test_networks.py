@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nn import config, networks
-from nn.layers import FusedBatchNormalization, LogActivation
+from nn import config
+from nn.models import networks
+from nn.models.layers import FusedBatchNormalization, LogActivation
 
 NUM_CLASSES = 11
 RESNET_BLOCKS = {18: ((2, 2, 2, 2), False), 34: ((3, 4, 6, 3), False), 50: ((3, 4, 6, 3), True),

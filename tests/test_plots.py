@@ -7,7 +7,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from nn import metrics, plots, predict
+from nn import metrics, predict
+from nn.outputs import plots
 from nn.config import AiryNetError
 from test_predict import CLASSES, cfg_for, predict_dataset, shots, tiny_model
 

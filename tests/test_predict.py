@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import make_cfg
-from nn import config, gradcam, networks, predict
+from nn import config, predict
+from nn.models import gradcam, networks
 from nn.config import AiryNetError
 
 SIZE = 16
@@ -39,7 +40,7 @@ def shots(n, size=SIZE, seed=0):
 
 
 def predict_dataset(images, bids, labels=None, shard=(0, 1), batch=4):
-    """Batches in the format of nn.data.dataset(cfg, "predict"); shard as the data pipeline does it."""
+    """Batches in the format of nn.inputs.data.dataset(cfg, "predict"); shard as the data pipeline does it."""
     records = {"image": images, "bunch_id": bids.astype(np.int64)}
     if labels is not None:
         records["label"] = labels.astype(np.float32)

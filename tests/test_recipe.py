@@ -11,7 +11,8 @@ import tensorflow as tf
 
 import airynet
 from conftest import make_cfg
-from nn import checkpoints, config, data, metrics, preprocess
+from nn import checkpoints, config, metrics
+from nn.inputs import data, preprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset=helium", "--target_width=32", "--target_height=32", "--ori_width=40", "--ori_height=40",

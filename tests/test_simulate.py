@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from nn import simulate, simulate_v1
+from nn.inputs import simulate, simulate_v1
 from nn.config import AiryNetError, HELIUM_CLASSES
 
 C = {name: i for i, name in enumerate(HELIUM_CLASSES)}

@@ -7,7 +7,7 @@ leaky ReLU when --use_log_act.
 """
 import keras
 
-from nn import layers
+from nn.models import layers
 
 # vgg_size -> convs per group; the groups have 64, 128, 256, 512, 512 filters.
 SIZES = {16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}

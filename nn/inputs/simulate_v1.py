@@ -1,6 +1,6 @@
-"""Version 1 of the helium-droplet simulator, frozen: `simulate(..., version=1)` (nn/simulate.py)
+"""Version 1 of the helium-droplet simulator, frozen: `simulate(..., version=1)` (nn/inputs/simulate.py)
 draws these shots bit for bit, so that results of earlier runs stay comparable. Do not change
-what it computes; version 2 lives in nn/simulate.py and reuses the droplet physics below.
+what it computes; version 2 lives in nn/inputs/simulate.py and reuses the droplet physics below.
 
 Physics simulator of single-shot helium-nanodroplet diffraction, with ground-truth labels.
 

@@ -6,7 +6,7 @@ log activation when --use_log_act.
 """
 import keras
 
-from nn import layers
+from nn.models import layers
 
 # resnet_size -> (blocks per group, bottleneck blocks?)
 SIZES = {

@@ -2,9 +2,9 @@
 looks at."""
 import tensorflow as tf
 
-from nn import resnet, vgg
+from nn.models import resnet, vgg
 from nn.config import AiryNetError
-from nn.layers import GRADCAM_LAYER  # noqa: F401 (the name the rest of AiryNet looks it up by)
+from nn.models.layers import GRADCAM_LAYER  # noqa: F401 (the name the rest of AiryNet looks it up by)
 
 
 def build_model(cfg):

@@ -1,14 +1,14 @@
 """The input pipeline: one tf.data path for original TFRecords, CXI/HDF5 files and the synthetic dataset.
 
 Sources (looked up in `data_dir + dataset + "/"`, as the original did; README, Data formats):
-  * `*{mode}.tfrecord`: the original schema (nn/tfrecord.py);
-  * `*{mode}.cxi` / `*{mode}.h5`: CXI files in either layout (nn/cxi.py);
+  * `*{mode}.tfrecord`: the original schema (nn/inputs/tfrecord.py);
+  * `*{mode}.cxi` / `*{mode}.h5`: CXI files in either layout (nn/inputs/cxi.py);
   * a directory whose CXI/HDF5 files are not split by mode: every `--eval_every`-th shot (counting
     over the sorted files) is held out for eval, the others train, and predict reads them all;
-  * `--dataset=synthetic` with no files: simulated helium-droplet shots (nn/simulate.py), generated
+  * `--dataset=synthetic` with no files: simulated helium-droplet shots (nn/inputs/simulate.py), generated
     deterministically from `--random_seed` and cached in memory on first use.
 
-Every source yields the same tensors and goes through nn.preprocess.preprocess.
+Every source yields the same tensors and goes through nn.inputs.preprocess.preprocess.
 Batches: train/eval give `(images, labels)`; predict gives dicts with "image", "bunch_id" and, where
 the source has labels, "label".
 """
@@ -18,9 +18,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from nn import config, cxi, euxfel, simulate, tfrecord
+from nn import config
+from nn.inputs import cxi, euxfel, simulate, tfrecord
 from nn.config import AiryNetError, first_line
-from nn.preprocess import preprocess
+from nn.inputs.preprocess import preprocess
 
 # Batches prepared ahead of the network.
 PREFETCH_BATCHES = 2

@@ -254,9 +254,9 @@ def pick_class_examples(labels, per_class):
 
 
 def class_gallery(out_png, size=259, seed=0, per_class=5, version=None, settings=None, overwrite=False):
-    """One row per class of simulated shots (nn/simulate.py) at the stored size, on a log scale,
+    """One row per class of simulated shots (nn/inputs/simulate.py) at the stored size, on a log scale,
     titled with all their labels. Returns out_png."""
-    from nn import simulate   # numpy only; imported here so that the other pictures need none of it
+    from nn.inputs import simulate   # numpy only; imported here so that the other pictures need none of it
     from nn.config import HELIUM_CLASSES
     _, labels = simulate.simulate(40 * per_class * 8, seed, 8, version=version, settings=settings)
     rows = pick_class_examples(labels, per_class)
@@ -272,7 +272,7 @@ def class_gallery(out_png, size=259, seed=0, per_class=5, version=None, settings
             ax.set_title(f"{HELIUM_CLASSES[c]}\n{', '.join(others) or '-'} (shot {i})", fontsize=7)
     preset = next((name for name, value in simulate.PRESETS.items() if value == settings), "custom")
     which = f"version {version or simulate.VERSION}" + ("" if settings is None else f", {preset} settings")
-    fig.suptitle(f"Simulated shots of every class, {size}x{size} px, log scale (nn/simulate.py, {which}, "
+    fig.suptitle(f"Simulated shots of every class, {size}x{size} px, log scale (nn/inputs/simulate.py, {which}, "
                  f"seed {seed})", fontsize=9, wrap=True)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     return _save(fig, out_png, overwrite)

@@ -6,10 +6,10 @@ alone, so it does not depend on n or on where a chunk starts, and its labels are
 every version.
 
 Versions (`version=`, default VERSION):
-- 1: the first release's shots, bit for bit (nn/simulate_v1.py, frozen): a fixed detector
+- 1: the first release's shots, bit for bit (nn/inputs/simulate_v1.py, frozen): a fixed detector
   distance, droplet radii 15-48/k, 1-15 photons per pixel at the crop edge, photon counts with no
   detector model, a fixed beam stop and cross of module gaps.
-- 2: the same droplets and classes (amplitudes, label hierarchy and shares of nn/simulate_v1.py,
+- 2: the same droplets and classes (amplitudes, label hierarchy and shares of nn/inputs/simulate_v1.py,
   whose docstring explains each class's physics), seen through a detector and beam that change
   from shot to shot, so that a classifier cannot learn one instrument's quirks:
 
@@ -47,12 +47,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nn import simulate_v1
+from nn.inputs import simulate_v1
 from nn.config import AiryNetError, crop_size
-from nn.simulate_v1 import (ASYMMETRIC, BENT, CLASS_SHARES, DOUBLE_RINGS, ELLIPTICAL,  # noqa: F401
-                            EMPTY, LAYERED, NET_PIXELS, NEWTON_RINGS, PROLATE, ROUND,
-                            SPHERICAL_OBLATE, STREAK, draw_labels, jet, oblate_view, sphere,
-                            spheroid, unit)
+from nn.inputs.simulate_v1 import (ASYMMETRIC, BENT, CLASS_SHARES, DOUBLE_RINGS, ELLIPTICAL,  # noqa: F401
+                                   EMPTY, LAYERED, NET_PIXELS, NEWTON_RINGS, PROLATE, ROUND,
+                                   SPHERICAL_OBLATE, STREAK, draw_labels, jet, oblate_view, sphere,
+                                   spheroid, unit)
 
 VERSIONS = (1, 2)
 VERSION = 2   # what simulate() draws unless told otherwise

@@ -1,6 +1,6 @@
 """European XFEL run directories (RAW-R*-*.h5, CORR-R*-*.h5) as predict data, read with EXtra-data.
 
-The images are picked and assembled as in live mode (nn/detectors.py: --bridge_source, --bridge_key,
+The images are picked and assembled as in live mode (nn/inputs/detectors.py: --bridge_source, --bridge_key,
 --geometry), so a run replayed through `karabo-bridge-serve-files` and classified live gives the same
 results as this offline path. Each shot is identified by (train ID, pulse): "bunch_id" holds the train ID.
 """
@@ -11,7 +11,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from nn import detectors
+from nn.inputs import detectors
 from nn.config import AiryNetError
 
 log = logging.getLogger("airynet")

@@ -1,7 +1,7 @@
 """European XFEL detectors: which source and key hold the images, and how a train's array becomes shots.
 
-Shared by the live classifier (nn/live.py, Karabo bridge messages) and the run-directory reader
-(nn/euxfel.py, EXtra-data trains): both hand over the same {source: {key: value}} dicts.
+Shared by the live classifier (nn/beamline/live.py, Karabo bridge messages) and the run-directory reader
+(nn/inputs/euxfel.py, EXtra-data trains): both hand over the same {source: {key: value}} dicts.
 
 A train's array becomes float32 frames [N, H, W]:
   * a 2D frame (pnCCD, cameras) is one shot;

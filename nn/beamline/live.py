@@ -38,12 +38,13 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from nn import config, detectors, euxfel
+from nn import config
+from nn.inputs import detectors, euxfel
 from nn.config import AiryNetError, first_line
 # The inference API of --mode=predict, imported here only.
-from nn.h5out import WriterThread
+from nn.outputs.h5out import WriterThread
 from nn.predict import SWMR_FLUSH_SECONDS, StackedWriter, TxtWriter, make_step, output_paths
-from nn.preprocess import preprocess
+from nn.inputs.preprocess import preprocess
 from nn.signals import StopSignal
 
 log = logging.getLogger("airynet")
@@ -340,7 +341,7 @@ class Publisher:
 
 class Files:
     """live.txt and live.h5 (stacked, SWMR) in --predict_dir, written by one background thread
-    (nn/h5out.py's WriterThread, as --mode=predict writes)."""
+    (nn/outputs/h5out.py's WriterThread, as --mode=predict writes)."""
 
     def __init__(self, cfg):
         paths = output_paths(cfg.predict_dir, FILE_STEM)
