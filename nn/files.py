@@ -6,6 +6,7 @@ POSIX file systems, so a crash, a full disk or Ctrl-C never leaves a file that l
 """
 import contextlib
 import os
+import shutil
 
 PARTIAL = ".partial"
 
@@ -44,3 +45,18 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """A folder of files that appears whole: yields its partial name, a fresh empty folder to write into
+    (one left by a killed earlier attempt is removed first), and renames it to `path` when the block
+    succeeds (`path` may exist if empty); removes it when the block fails."""
+    tmp = partial_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,8 @@ and size: train = shots 0..dataset_size-1, eval and predict = the held-out shots
 TFRecords hold bunch IDs (the shot index) instead of labels, as the original's helium files did.
 --version picks the simulator version (default: nn/inputs/simulate.py's VERSION), --shifted its SHIFTED
 settings (version 2), --shift=GROUP only one group of them (DEFAULT otherwise), --eval_size the number
-of eval/predict shots (default: as --dataset=synthetic).
+of eval/predict shots (default: as --dataset=synthetic). The files are written into OUT.partial and
+appear in OUT together at the end, so an interrupted run never leaves a dataset that looks finished.
 """
 import argparse
 import os
@@ -22,7 +23,8 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from nn import config  # noqa: E402
-from nn.inputs import cxi, data, simulate, tfrecord
+from nn.files import atomic_dir  # noqa: E402
+from nn.inputs import cxi, data, simulate, tfrecord  # noqa: E402
 
 EXTENSIONS = {"tfrecord": "tfrecord", "cxi_shots": "cxi", "cxi_stacked": "cxi"}
 
@@ -57,10 +59,10 @@ def main(argv=None):
                    help="Move only this group of settings to SHIFTED's values (version 2).")
     p.add_argument("--eval_size", type=int, default=None, help="Eval and predict shots (default: as --dataset=synthetic).")
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    existing = [f for f in os.listdir(args.out) if f.startswith("part")]
+    existing = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
     if existing:
-        sys.exit(f"make_dataset.py: error: {args.out} already holds dataset files ({existing[0]}, ...); "
+        what = "dataset files" if any(f.startswith("part") for f in existing) else "other files"
+        sys.exit(f"make_dataset.py: error: {args.out} already holds {what} ({existing[0]}, ...); "
                  f"choose another --out")
     if (args.shifted or args.shift) and args.version == 1:
         flag = "--shifted" if args.shifted else "--shift"
@@ -69,12 +71,13 @@ def main(argv=None):
         sys.exit("make_dataset.py: error: --shifted moves every setting; --shift one group: give one of them")
     cfg = config.parse_args([f"--dataset_size={args.dataset_size}"])
     settings = simulate.SHIFTED if args.shifted else simulate.shifted_in(args.shift) if args.shift else None
-    for mode in args.modes.split(","):
-        first, last = data.synthetic_range(cfg, mode)
-        if args.eval_size is not None and mode != "train":
-            last = first + args.eval_size
-        write_split(args.out, args.format, mode, first, last, args.random_seed, args.size, args.per_file,
-                    args.version, settings)
+    with atomic_dir(args.out) as staging:
+        for mode in args.modes.split(","):
+            first, last = data.synthetic_range(cfg, mode)
+            if args.eval_size is not None and mode != "train":
+                last = first + args.eval_size
+            write_split(staging, args.format, mode, first, last, args.random_seed, args.size, args.per_file,
+                        args.version, settings)
     print(f"Wrote {args.format} files to {args.out}")
 
 

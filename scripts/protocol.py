@@ -18,7 +18,11 @@ cost shows on its own (a second table: macro-F1 per moved group and arm).
 Then for each arm it trains runs/train_sS_ARM_sS (`--random_seed=S` plus the arm's flags), runs
 `--mode=eval` on the test sets (kept as RUN/eval_heldout.json, RUN/eval_shifted.json, ...) and
 prints macro-F1 mean +- sd over the seeds and each class's mean F1. Finished steps are skipped on
-a rerun, so an interrupted protocol continues where it stopped.
+a rerun, so an interrupted protocol continues where it stopped: a data set counts as finished once
+make_dataset.py has moved it into place (it writes into NAME.partial until then). The settings that
+shape data and runs (shots, sizes, steps, batch, each arm's flags) are kept in OUT/protocol.json, and a
+rerun in the same --out with other settings is refused rather than mixing old runs with new ones; more
+seeds and more arms may be added.
 """
 import argparse
 import json
@@ -31,8 +35,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from nn.files import atomic_file  # noqa: E402
 from nn.inputs.simulate import SHIFT_GROUPS  # noqa: E402
 
+SETTINGS = ("train_shots", "test_shots", "size", "target", "steps", "batch")  # what a rerun must not change
 SPLITS = {"heldout": (100000, []), "shifted": (200000, ["--shifted"])}   # seed offset, make_dataset flags
 
 
@@ -76,7 +82,7 @@ def make_data(args, seed, log_path):
                                     "--eval_size", str(args.test_shots), *flags]
     for name, flags in jobs.items():
         out = os.path.join(data, name)
-        if os.path.isdir(out) and any(f.startswith("part") for f in os.listdir(out)):
+        if os.path.isdir(out):
             continue
         run([sys.executable, "scripts/make_dataset.py", "--out", out, "--size", str(args.size),
              "--format", "tfrecord"] + flags, log_path)
@@ -170,6 +176,28 @@ def format_setting_table(found):
     return "\n".join(lines)
 
 
+def check_settings(args, arms):
+    """Record the settings that shape this --out's data and runs in OUT/protocol.json, or refuse a rerun
+    whose settings differ from those recorded (arms not recorded yet are added)."""
+    path = os.path.join(args.out, "protocol.json")
+    wanted = {name: getattr(args, name) for name in SETTINGS}
+    recorded = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+    for name, value in wanted.items():
+        if name in recorded and recorded[name] != value:
+            sys.exit(f"protocol: error: {path} records --{name}={recorded[name]}; this run asks for "
+                     f"--{name}={value}: use another --out")
+    recorded_arms = recorded.get("arms", {})
+    for arm, flags in arms.items():
+        if arm in recorded_arms and recorded_arms[arm] != flags:
+            sys.exit(f"protocol: error: {path} records arm {arm} as {shlex.join(recorded_arms[arm])!r}; this run "
+                     f"asks for {shlex.join(flags)!r}: name the arm differently or use another --out")
+    with atomic_file(path) as f:
+        json.dump({**wanted, "arms": {**recorded_arms, **arms}}, f, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="Folder for data, runs, logs (reused: finished steps are skipped).")
@@ -194,6 +222,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "protocol.log")
     if not args.table_only:
+        check_settings(args, arms)
         for seed in seeds:
             make_data(args, seed, log_path)
             for arm, flags in arms.items():

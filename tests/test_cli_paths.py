@@ -346,6 +346,25 @@ def test_make_dataset_writes_the_synthetic_shots(tmp_path):
     assert len(os.listdir(tmp_path / "tfrecord")) == 3
 
 
+def test_an_interrupted_make_dataset_leaves_no_dataset(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_dataset
+    write_split = make_dataset.write_split
+
+    def fail_after_train(out, fmt, mode, *args):
+        if mode == "eval":
+            raise KeyboardInterrupt
+        write_split(out, fmt, mode, *args)
+    monkeypatch.setattr(make_dataset, "write_split", fail_after_train)
+    with pytest.raises(KeyboardInterrupt):
+        make_dataset.main([f"--out={tmp_path / 'set'}", f"--size={SIZE}", "--dataset_size=4", "--modes=train,eval"])
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(make_dataset, "write_split", write_split)
+    make_dataset.main([f"--out={tmp_path / 'set'}", f"--size={SIZE}", "--dataset_size=4", "--modes=train,eval",
+                       "--eval_size=2"])
+    assert sorted(os.listdir(tmp_path / "set")) == ["part000_eval.tfrecord", "part000_train.tfrecord"]
+
+
 def test_make_dataset_moves_one_group_of_settings(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import make_dataset

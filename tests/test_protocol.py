@@ -61,3 +61,67 @@ def test_per_setting_test_sets_and_table(tmp_path):
     assert table[2] == "| held-out (nothing moved) | 0.700 ± 0.141 (2) |  |"
     assert table[3:5] == ["| photons moved |  | 0.400 ± 0.000 (1) |", "| masks moved | 0.500 ± 0.141 (2) |  |"]
     assert table[5] == "| shifted (everything moved) | 0.400 ± 0.141 (2) |  |"
+
+
+def fake_commands(monkeypatch):
+    """protocol.run replaced by a stand-in that records each command and writes what the real one would
+    leave behind (the data folder, the final checkpoint, the eval metrics), so that skip and resume
+    logic is tested without minutes of training."""
+    commands = []
+
+    def fake_run(cmd, log_path):
+        commands.append(cmd)
+        flags = dict(c.lstrip("-").split("=", 1) for c in cmd if c.startswith("--") and "=" in c)
+        if cmd[1] == "scripts/make_dataset.py":
+            os.makedirs(cmd[cmd.index("--out") + 1])
+        elif "--mode=train" in cmd:
+            run_dir = flags.get("load_dir") or os.path.join(flags["log_dir"], "train_" + flags["dataset"].split("_")[-1]
+                                                            + "_" + flags["out_dir_name"])
+            os.makedirs(run_dir, exist_ok=True)
+            open(os.path.join(run_dir, f"model.ckpt-{flags['train_steps']}.index"), "w").close()
+        else:
+            os.makedirs(os.path.join(flags["load_dir"], "eval"), exist_ok=True)
+            with open(os.path.join(flags["load_dir"], "eval", "metrics.json"), "w") as f:
+                json.dump({"macro_f1": 0.5, "per_class": [{"name": "c0", "f1": 0.5}]}, f)
+    monkeypatch.setattr(protocol, "run", fake_run)
+    return commands
+
+
+def test_a_rerun_skips_finished_data_runs_and_evaluations(tmp_path, monkeypatch, capsys):
+    commands = fake_commands(monkeypatch)
+    args = [f"--out={tmp_path}", "--seeds=0", "--steps=10", "--arm", "paper="]
+    protocol.main(args)
+    kinds = [c[1] if "make_dataset" in c[1] else c[2] for c in commands]
+    assert kinds == ["scripts/make_dataset.py"] * 3 + ["--mode=train", "--mode=eval", "--mode=eval"]
+    run_dir = tmp_path / "runs" / "train_s0_paper_s0"
+    assert sorted(os.listdir(run_dir)) == ["eval", "eval_heldout.json", "eval_shifted.json", "model.ckpt-10.index"]
+    commands.clear()
+    protocol.main(args)
+    assert commands == []
+    assert "| **macro-F1** | **0.500 ± 0.000** | **0.500 ± 0.000** |" in capsys.readouterr().out
+    # An interrupted data set (only its .partial folder), an unfinished run and a missing evaluation are
+    # done again; the unfinished run is resumed from its folder, not started anew.
+    (tmp_path / "data" / "heldout_s0").rename(tmp_path / "data" / "heldout_s0.partial")
+    os.remove(run_dir / "model.ckpt-10.index")
+    os.remove(run_dir / "eval_shifted.json")
+    protocol.main(args)
+    assert [c[c.index("--out") + 1] for c in commands if "--out" in c] == [str(tmp_path / "data" / "heldout_s0")]
+    [train] = [c for c in commands if "--mode=train" in c]
+    assert f"--load_dir={run_dir}" in train
+    [evaluation] = [c for c in commands if "--mode=eval" in c]
+    assert "--dataset=shifted_s0" in evaluation
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path, monkeypatch):
+    fake_commands(monkeypatch)
+    protocol.main([f"--out={tmp_path}", "--seeds=0", "--steps=10", "--arm", "a=--lr=0.1"])
+    recorded = json.loads((tmp_path / "protocol.json").read_text())
+    assert recorded["steps"] == 10 and recorded["arms"] == {"a": ["--lr=0.1"]}
+    with pytest.raises(SystemExit, match=r"records --steps=10; this run asks for --steps=20"):
+        protocol.main([f"--out={tmp_path}", "--seeds=0", "--steps=20", "--arm", "a=--lr=0.1"])
+    with pytest.raises(SystemExit, match=r"records arm a as '--lr=0.1'"):
+        protocol.main([f"--out={tmp_path}", "--seeds=0", "--steps=10", "--arm", "a=--lr=0.2"])
+    # More seeds and a new arm are additions, not changes.
+    protocol.main([f"--out={tmp_path}", "--seeds=0,1", "--steps=10", "--arm", "a=--lr=0.1", "--arm", "b="])
+    assert json.loads((tmp_path / "protocol.json").read_text())["arms"] == {"a": ["--lr=0.1"], "b": []}
+    assert (tmp_path / "runs" / "train_s1_b_s1" / "model.ckpt-10.index").exists()
