@@ -65,10 +65,18 @@ def format_metrics(m):
 # ----------------------------------------------------------------------------------------------
 # Decision thresholds and calibration, from scores [N, C] and 0/1 labels [N, C]
 
+FLOAT32_ABOVE_ZERO = float(np.nextafter(np.float32(0), np.float32(1)))   # the smallest float32 above 0
+FLOAT32_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))    # the largest float32 below 1
+
+
 def best_f1_thresholds(probabilities, labels, default=0.5):
     """Each class's threshold t that maximises its F1 with the rule `probability >= t`: halfway between
     the lowest score called positive and the next lower score (or half of it), so that shots scored like
-    the calibration shots fall on the same side. `default` for a class without positives."""
+    the calibration shots fall on the same side. `default` for a class without positives.
+
+    Thresholds stay inside (0, 1) in float32, as which they are stored and applied: halving a score
+    of 0 (every shot called positive) gives 0, and a halfway point just below 1 rounds to 1, either of
+    which a run's thresholds file may not hold. The clip changes no decision but for scores of exactly 0."""
     probabilities, labels = np.asarray(probabilities, np.float64), np.asarray(labels) > 0.5
     thresholds = np.full(probabilities.shape[1], default)
     for c in range(probabilities.shape[1]):
@@ -82,7 +90,7 @@ def best_f1_thresholds(probabilities, labels, default=0.5):
         k = last[np.argmax(f1[last])]
         below = scores[k + 1] if k + 1 < len(scores) else 0.0
         thresholds[c] = (scores[k] + below) / 2
-    return thresholds
+    return np.clip(thresholds, FLOAT32_ABOVE_ZERO, FLOAT32_BELOW_ONE)
 
 
 def expected_calibration_error(probabilities, labels, bins=10):

@@ -1,6 +1,7 @@
 """SIGTERM and SIGINT as a flag that a long loop checks between steps, so that it can stop cleanly: training
 saves a checkpoint at the step it reached (SLURM's warning before a time limit or preemption), live sorting
-closes its files."""
+closes its files. A second signal is not caught: it goes to the handler that was there before (Ctrl-C
+raises KeyboardInterrupt, SIGTERM ends the process), so that a stop that hangs can still be interrupted."""
 import signal
 import threading
 
@@ -20,9 +21,16 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            return
+        self._restore()
+        signal.raise_signal(signum)
 
-    def __exit__(self, *exc):
+    def _restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def __exit__(self, *exc):
+        self._restore()
         return False
