@@ -46,9 +46,9 @@ def main(argv=None):
             out = args.out or os.path.splitext(args.h5)[0] + ".gallery.png"
             written = [plots.gallery(args.h5, out, args.shots, args.start, args.class_name, args.overwrite)]
         elif args.what == "simulated":
-            settings = simulate.SHIFTED if args.shifted else None
-            written = [plots.class_gallery(args.out, args.size, args.seed, args.per_class, args.version, settings,
-                                           args.overwrite)]
+            simulation = plots.Simulation(args.size, args.seed, args.version,
+                                          simulate.SHIFTED if args.shifted else None)
+            written = [plots.class_gallery(args.out, simulation, args.per_class, args.overwrite)]
         else:
             written = plots.eval_plots(args.run_dir, args.out_dir, args.overwrite)
     except config.AiryNetError as err:

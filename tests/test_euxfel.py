@@ -2,6 +2,7 @@
 EXtra-data's own test writer; no model involved."""
 import os
 
+import extra_geom
 import h5py
 import numpy as np
 import pytest
@@ -39,12 +40,74 @@ def test_pick_source_prefers_the_named_then_the_first_image_key():
     assert detectors.pick_source(train, "B:output", "data.image") is None
 
 
+SMALL = {"pulses": None, "modules": 2, "ss": 3, "fs": 4, "rows": 6}  # a detector of two 3x4 modules
+
+
+class Tiled:
+    """A stand-in for an EXtra-geom geometry: the modules one below the other, no gaps."""
+
+    def position_modules(self, data, out=None):
+        tiled = data.reshape(len(data), -1, data.shape[-1])
+        if out is None:
+            return tiled.copy(), None
+        out[...] = tiled
+        return out, None
+
+
+def test_layout_shape_tests():
+    plain = detectors.axis_sizes()
+    assert detectors.FILE.fits((5, 2, 3, 4), SMALL) and detectors.ONLINE.fits((2, 4, 3, 5), SMALL)
+    assert not detectors.FILE.fits((5, 3, 3, 4), SMALL) and not detectors.ONLINE.fits((2, 3, 4, 5), SMALL)
+    assert detectors.MODULES.fits((2, 3, 4), SMALL) and detectors.WHOLE.fits((6, 4), SMALL)
+    assert not detectors.WHOLE.fits((6, 5), SMALL) and not detectors.MODULES.fits((3, 3, 4), SMALL)
+    any_count = {**SMALL, "modules": None}  # JUNGFRAU: any number of modules, so no one image of them all
+    del any_count["rows"]
+    assert detectors.FILE.fits((5, 7, 3, 4), any_count) and not detectors.WHOLE.fits((6, 4), any_count)
+    jungfrau = detectors.axis_sizes(extra_geom.JUNGFRAUGeometry)
+    agipd = detectors.axis_sizes(extra_geom.AGIPD_1MGeometry)
+    assert jungfrau["modules"] is None and "rows" not in jungfrau
+    assert (agipd["modules"], agipd["rows"], agipd["ss"], agipd["fs"]) == (16, 16 * 512, 512, 128)
+    assert detectors.FRAME.fits((7, 9), plain) and detectors.STACK.fits((2, 7, 9), plain)
+    assert not any(layout.fits((2, 3, 4), plain) for layout in (detectors.MODULES, detectors.FRAME))
+    assert not detectors.FRAME.fits((7, 9), SMALL)  # SMALL names no image taken as stored
+    assert not detectors.STACK.fits((2, 7, 9, 1), plain)
+
+
+def test_layout_counts_frames_and_fixed_shape():
+    stack = np.zeros((5, 7, 9))
+    assert detectors.STACK.count(stack) == 5 and detectors.STACK.without_pulses(stack.shape) == (7, 9)
+    assert detectors.ONLINE.count(np.zeros((2, 4, 3, 6))) == 6
+    assert detectors.ONLINE.without_pulses((2, 4, 3, 6)) == (2, 4, 3)
+    assert detectors.FRAME.count(np.zeros((7, 9))) == 1 and detectors.MODULES.count(np.zeros((2, 3, 4))) == 1
+    assert detectors.FILE.has_pulses and not detectors.WHOLE.has_pulses
+    assert detectors.FILE.modular and detectors.WHOLE.modular and not detectors.STACK.modular
+
+
+def test_layout_arrays_to_frames():
+    file_order = np.arange(3 * 2 * 3 * 4, dtype=np.uint16).reshape(3, 2, 3, 4)  # (pulses, modules, ss, fs)
+    expected = file_order.reshape(3, 6, 4).astype(np.float32)
+    online = file_order.transpose(1, 3, 2, 0)                                    # (modules, fs, ss, pulses)
+    np.testing.assert_array_equal(detectors.FILE.frames(file_order, geometry=Tiled()), expected)
+    np.testing.assert_array_equal(detectors.ONLINE.frames(online, geometry=Tiled()), expected)
+    np.testing.assert_array_equal(detectors.MODULES.frames(file_order[1], geometry=Tiled()), expected[1:2])
+    out = np.full((3, 6, 4), -1, np.float32)
+    assert detectors.ONLINE.frames(online, out, Tiled()) is out
+    np.testing.assert_array_equal(out, expected)
+    frame = np.array([[1, np.nan], [3, 4]], np.float32)
+    frames = detectors.FRAME.frames(frame)
+    assert frames.dtype == np.float32 and frames.shape == (1, 2, 2)
+    np.testing.assert_array_equal(frames[0], [[1, 0], [3, 4]])
+    assert np.isnan(frame[0, 1])  # the caller's array is left as it was
+    stack = np.arange(12).reshape(3, 2, 2)
+    np.testing.assert_array_equal(detectors.STACK.frames(stack), stack.astype(np.float32))
+
+
 def test_agipd_online_and_file_order_assemble_alike():
     rng = np.random.default_rng(0)
     file_order = rng.random((3, 16, 512, 128), np.float32)  # (pulses, modules, ss, fs)
     online = file_order.transpose(1, 3, 2, 0)                 # (modules, fs, ss, pulses)
     a, b = detectors.Detector(AGIPD, "image.data", file_order), detectors.Detector(AGIPD, "image.data", online)
-    assert (a.layout, b.layout) == ("file", "online")
+    assert (a.layout, b.layout) == (detectors.FILE, detectors.ONLINE)
     frames = a.frames(file_order)
     assert frames.shape[0] == 3 and frames.shape[1] > 1024 and frames.shape[2] > 1024
     np.testing.assert_array_equal(frames, b.frames(online))

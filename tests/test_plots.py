@@ -85,3 +85,13 @@ def test_eval_pictures(tmp_path):
     assert png_shape(tmp_path / "run" / "eval" / "pr_curves.png") == (600, 1000)
     with pytest.raises(AiryNetError, match="scores.npz: missing; run --mode=eval"):
         plots.eval_plots(str(tmp_path / "elsewhere"))
+
+
+def test_simulated_shots_of_every_class(tmp_path):
+    out = str(tmp_path / "simulated.png")
+    assert plot.main(["simulated", f"--out={out}", "--size=32", "--per_class=2", "--shifted"]) == 0
+    # One row per class, one column per shot.
+    assert png_shape(out) == (round(11 * (plots.PANEL_INCHES + 0.3) * plots.DPI),
+                              round(2 * plots.PANEL_INCHES * plots.DPI))
+    with pytest.raises(AiryNetError, match="exists; pass --overwrite=true"):
+        plots.class_gallery(out, plots.Simulation(size=32), per_class=2)

@@ -12,6 +12,7 @@ Figures are built with matplotlib's object API (Figure, no pyplot), which needs 
 choice and draws without a display. Every PNG is written to a temporary name and renamed when complete.
 """
 import os
+from typing import NamedTuple
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the filters of prediction files: --h5_compression)
@@ -141,8 +142,17 @@ def gallery(h5_path, out_png, count=8, start=0, class_name=None, overwrite=False
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
+class Scores(NamedTuple):
+    """What --mode=eval wrote to RUN/eval/scores.npz, as the evaluation pictures use it."""
+    path: str
+    probs: np.ndarray   # [N, C]
+    labels: np.ndarray  # bool [N, C]
+    names: list         # [C] class names
+    preds: np.ndarray   # bool [N, C], the classes eval predicted
+
+
 def read_scores(run_dir):
-    """-> (path, probabilities [N, C], labels bool [N, C], class names, predicted classes bool [N, C])."""
+    """Scores (path, probabilities [N, C], labels bool [N, C], class names, predicted classes bool [N, C])."""
     path = os.path.join(run_dir, "eval", "scores.npz")
     if not os.path.isfile(path):
         raise AiryNetError(f"{path}: missing; run --mode=eval --load_dir={run_dir} first")
@@ -151,7 +161,7 @@ def read_scores(run_dir):
         names = [str(n) for n in z["class_names"]] if "class_names" in z else list(map(str, range(probs.shape[1])))
         # Files of earlier versions lack the predictions; they were multi-label, predicted at p >= 0.5.
         preds = z["predictions"] > 0 if "predictions" in z else probs >= 0.5
-    return path, probs, labels, names, preds
+    return Scores(path, probs, labels, names, preds)
 
 
 def precision_recall(scores, labels):
@@ -172,15 +182,15 @@ def precision_recall(scores, labels):
 
 def eval_plots(run_dir, out_dir=None, overwrite=False):
     """confusion.png and pr_curves.png in out_dir (default RUN/eval). Returns their paths."""
-    path, probs, labels, names, preds = read_scores(run_dir)
+    scores = read_scores(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "eval")
-    tp, fp, fn, tn = metrics.confusion_counts(labels, preds).T
-    return [_confusion_figure(names, tp, fn, fp, tn, len(probs), path, os.path.join(out_dir, "confusion.png"),
-                              overwrite),
-            _pr_figure(names, probs, labels, preds, path, os.path.join(out_dir, "pr_curves.png"), overwrite)]
+    return [_confusion_figure(scores, os.path.join(out_dir, "confusion.png"), overwrite),
+            _pr_figure(scores, os.path.join(out_dir, "pr_curves.png"), overwrite)]
 
 
-def _confusion_figure(names, tp, fn, fp, tn, shots, source, out_png, overwrite):
+def _confusion_figure(scores, out_png, overwrite):
+    names = scores.names
+    tp, fp, fn, tn = metrics.confusion_counts(scores.labels, scores.preds).T
     counts = np.stack([tp, fn, fp, tn], axis=1)
     # Colour: the share of the class's positives (TP, FN) or negatives (FP, TN), so rare and common
     # classes read alike; good cells (TP, TN) and bad cells (FN, FP) use their own colour maps.
@@ -210,17 +220,18 @@ def _confusion_figure(names, tp, fn, fp, tn, shots, source, out_png, overwrite):
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     ax.tick_params(length=0)
-    ax.set_title(f"Confusion counts per class of eval's predicted classes ({shots} shots)\n{source}", fontsize=10)
+    ax.set_title(f"Confusion counts per class of eval's predicted classes ({len(scores.probs)} shots)\n{scores.path}",
+                 fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png, overwrite)
 
 
-def _pr_figure(names, probs, labels, preds, source, out_png, overwrite):
+def _pr_figure(scores, out_png, overwrite):
     fig = Figure(figsize=(10, 6))
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab10"].colors
-    for c, name in enumerate(names):
-        curve = precision_recall(probs[:, c], labels[:, c])
+    for c, name in enumerate(scores.names):
+        curve = precision_recall(scores.probs[:, c], scores.labels[:, c])
         # Ten distinct colours, then the same colours dashed.
         style = {"color": colours[c % 10], "ls": "-" if c < 10 else "--"}
         if curve is None:
@@ -228,7 +239,7 @@ def _pr_figure(names, probs, labels, preds, source, out_png, overwrite):
             continue
         precision, recall, ap = curve
         ax.step(recall, precision, where="post", lw=1.6, **style, label=f"{name} (AP {ap:.2f})")
-        tp, fp, fn, _ = metrics.confusion_counts(labels[:, c], preds[:, c])
+        tp, fp, fn, _ = metrics.confusion_counts(scores.labels[:, c], scores.preds[:, c])
         if tp + fp:  # the operating point of eval's predicted classes
             ax.plot(tp / (tp + fn), tp / (tp + fp), "o", color=style["color"], ms=5)
     ax.set_xlim(0, 1.01)
@@ -237,7 +248,7 @@ def _pr_figure(names, probs, labels, preds, source, out_png, overwrite):
     ax.set_ylabel("precision")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_title(f"Precision-recall per class (dots: eval's predicted classes)\n{source}", fontsize=10)
+    ax.set_title(f"Precision-recall per class (dots: eval's predicted classes)\n{scores.path}", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png, overwrite)
 
@@ -253,11 +264,20 @@ def pick_class_examples(labels, per_class):
             [:per_class] for c in range(labels.shape[1])]
 
 
-def class_gallery(out_png, size=259, seed=0, per_class=5, version=None, settings=None, overwrite=False):
-    """One row per class of simulated shots (nn/inputs/simulate.py) at the stored size, on a log scale,
-    titled with all their labels. Returns out_png."""
+class Simulation(NamedTuple):
+    """Which simulated shots to show: nn/inputs/simulate.py's arguments but for the shot numbers."""
+    size: int = 259             # stored image size
+    seed: int = 0
+    version: int | None = None  # None: simulate.VERSION
+    settings: object = None     # a simulate.Settings for version 2; None: its default
+
+
+def class_gallery(out_png, simulation=Simulation(), per_class=5, overwrite=False):
+    """One row per class of simulated shots at the stored size, on a log scale, titled with all their
+    labels. Returns out_png."""
     from nn.inputs import simulate   # numpy only; imported here so that the other pictures need none of it
     from nn.config import HELIUM_CLASSES
+    size, seed, version, settings = simulation
     _, labels = simulate.simulate(40 * per_class * 8, seed, 8, version=version, settings=settings)
     rows = pick_class_examples(labels, per_class)
     fig = Figure(figsize=(per_class * PANEL_INCHES, len(rows) * (PANEL_INCHES + 0.3)))
