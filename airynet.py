@@ -7,6 +7,7 @@
 
 Flags are parsed once, here, and the resulting config is passed down; see `--help` and README.md.
 """
+import contextlib
 import logging
 import os
 import sys
@@ -29,20 +30,42 @@ def setup_logging(level):
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
+@contextlib.contextmanager
+def native_stderr_silenced(silenced):
+    """File descriptor 2 pointed at /dev/null inside the block. TensorFlow's C++ side logs while it is
+    imported (absl's "before InitializeLog" notice, oneDNN's), before any log level can apply and
+    whatever TF_CPP_MIN_LOG_LEVEL says; Python's own errors still reach the terminal after the block."""
+    if not silenced:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def run(cfg):
     if cfg.load_dir:
         overridden = config.merge_run_config(cfg, cfg.load_dir)
         if overridden:
             log.warning("Flags given on the command line override the run's saved config: %s",
                         ", ".join(f"--{k}" for k in overridden))
-    import keras
-    import tensorflow as tf
+    with native_stderr_silenced(cfg.log_level != "DEBUG"):
+        import keras
+        import tensorflow as tf
     if cfg.log_level != "DEBUG":
         tf.get_logger().setLevel("ERROR")
     keras.utils.set_random_seed(cfg.random_seed)
     if cfg.use_nchw and not tf.config.list_physical_devices("GPU"):
-        # Checkpoints do not depend on the data format, so the faster NHWC is used on CPUs.
-        log.warning("--use_nchw=true: no GPU found, using channels_last (NHWC), which is faster on CPUs")
+        # Checkpoints do not depend on the data format, so the faster NHWC is used on CPUs; the default
+        # (the original's) is switched without a word, an explicit --use_nchw=true with a warning.
+        if "use_nchw" in cfg.explicit:
+            log.warning("--use_nchw=true: no GPU found, using channels_last (NHWC), which is faster on CPUs")
         cfg.use_nchw = False
     if cfg.mixed_precision != "none" and not tf.config.list_physical_devices("GPU"):
         log.warning("--mixed_precision=%s: no GPU found; on CPUs mixed precision is much slower than float32 "
