@@ -41,9 +41,9 @@ import tensorflow as tf
 from nn import config
 from nn.inputs import detectors, euxfel
 from nn.config import AiryNetError, first_line
-# The inference API of --mode=predict, imported here only.
+from nn.inference import make_step
 from nn.outputs.h5out import WriterThread
-from nn.predict import SWMR_FLUSH_SECONDS, StackedWriter, TxtWriter, make_step, output_paths
+from nn.outputs.writers import SWMR_FLUSH_SECONDS, StackedWriter, TxtWriter, output_paths
 from nn.inputs.preprocess import preprocess
 from nn.signals import StopSignal
 
