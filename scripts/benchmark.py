@@ -256,11 +256,11 @@ CLI_OPTIONS = {"defaults (txt, h5 with maps and images)": ([], "with maps (layer
 
 
 def bench_predict(args):
-    from nn import predict
+    from nn import inference
     from nn.models.networks import build_model
     cfg = make_cfg(args, "--dataset=synthetic")
     model = build_model(cfg)
-    rates = predict.benchmark(cfg, model, args.steps)
+    rates = inference.benchmark(cfg, model, args.steps)
     print(f"predict ResNet-{args.resnet_size} {args.target}x{args.target}x1 batch {args.batch_size}")
     for name, rate in rates.items():
         print(f"  {name:<28} {rate:8.1f} img/s")
@@ -276,7 +276,8 @@ def bench_predict(args):
     # the step it uses, so that a neighbour's load on a shared machine hits both alike.
     directory, run_dir = write_predict_data(args, args.predict_shots)
     out_dir = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench-predict")
-    steps = {"with maps (layer size)": predict.make_step(cfg, model), "without maps": predict.make_step(cfg, model, None)}
+    steps = {"with maps (layer size)": inference.make_step(cfg, model),
+             "without maps": inference.make_step(cfg, model, None)}
     images = tf.random.uniform([cfg.batch_size, cfg.target_height, cfg.target_width, cfg.target_depth], 0, 100)
     results = []
     for name, (flags, variant) in CLI_OPTIONS.items():
@@ -295,12 +296,12 @@ def bench_predict(args):
 def predict_outputs(args):
     """{name: array} of what a default predict run stores for --predict_shots shots: the images as fed,
     the Grad-CAM++ maps (float16) and the probabilities of an initialised network."""
-    from nn import checkpoints, predict
+    from nn import checkpoints, inference
     directory, run_dir = write_predict_data(args, args.predict_shots)
     cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}",
                    f"--load_dir={run_dir}")
     model, _ = checkpoints.restore_model(cfg)
-    step = predict.make_step(cfg, model)
+    step = inference.make_step(cfg, model)
     parts = []
     for batch in data.dataset(cfg, "predict"):
         result = step(batch["image"])

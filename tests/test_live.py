@@ -289,7 +289,7 @@ def test_frames_enter_tensorflow_in_place_where_aligned():
     """The assembly buffer is aligned for TensorFlow and read in place; an array TensorFlow cannot read in
     place (misaligned, strided) is copied, with the same values."""
     import tensorflow as tf
-    from nn.beamline.live import TENSOR_ALIGNMENT, _aligned_zeros, _tensor
+    from nn.beamline.classifier import TENSOR_ALIGNMENT, _aligned_zeros, _tensor
     buffer = _aligned_zeros((3, 5, 7, 1))
     assert buffer.shape == (3, 5, 7, 1) and buffer.dtype == np.float32 and not buffer.any()
     assert buffer.ctypes.data % TENSOR_ALIGNMENT == 0

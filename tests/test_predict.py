@@ -11,6 +11,7 @@ import tensorflow as tf
 from conftest import make_cfg
 from nn import config, predict
 from nn.models import gradcam, networks
+from nn.outputs import writers
 from nn.config import AiryNetError
 
 SIZE = 16
@@ -59,11 +60,6 @@ def read_txt(path):
     assert all(len(v) == 6 for r in rows for v in r[2].split(", "))  # 4 decimals
     probs = np.array([[float(v) for v in r[2].split(", ")] for r in rows])
     return bids, flags, probs
-
-
-def test_txt_line_is_the_originals():
-    line = predict.format_txt_line(np.int64(1007), np.array([0, 1, 0], np.uint8), np.array([0.01234, 0.98712, 2e-4]))
-    assert line == "1007\t0, 1, 0\t0.0123, 0.9871, 0.0002\n"
 
 
 def test_txt_and_stacked_h5(tmp_path):
@@ -276,8 +272,8 @@ def test_write_error_names_the_file_and_keeps_earlier_files(tmp_path, monkeypatc
             raise OSError(28, "No space left on device")
         original(self, batch)
 
-    original = predict.StackedWriter.write
-    monkeypatch.setattr(predict.StackedWriter, "write", full_disk)
+    original = writers.StackedWriter.write
+    monkeypatch.setattr(writers.StackedWriter, "write", full_disk)
     with pytest.raises(AiryNetError, match=r"helium\.h5\.partial: writing failed \(No space left on device\)"):
         predict.run(cfg_for(tmp_path, "--overwrite=true"), model, predict_dataset(images, bids))
     assert sorted(os.listdir(tmp_path / "pred")) == ["helium.h5", "helium.txt"]
@@ -335,7 +331,7 @@ def test_shard_of_reads_the_flags_or_slurm(monkeypatch):
     assert predict.shard_of(config.parse_args([])) == (2, 4)
     with pytest.raises(AiryNetError, match="--shard_index=4"):
         predict.shard_of(config.parse_args(["--num_shards=4", "--shard_index=4"]))
-    assert predict.output_paths("p", "helium", (2, 4))["h5"] == os.path.join("p", "helium.shard2of4.h5")
+    assert writers.output_paths("p", "helium", (2, 4))["h5"] == os.path.join("p", "helium.shard2of4.h5")
 
 
 def test_resnet_through_the_data_pipeline(tfrecord_dir, tmp_path):
@@ -353,11 +349,3 @@ def test_resnet_through_the_data_pipeline(tfrecord_dir, tmp_path):
         assert acts.shape == (8, 512, 2, 2) and f["conv"].shape == (8, 2, 2, 512)
         np.testing.assert_allclose(f["conv"][:], acts.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
         assert [h.decode() for h in f["entry_1/result_1/headings"][:]] == config.HELIUM_CLASSES
-
-
-def test_benchmark_reports_the_three_variants():
-    cfg = config.parse_args(["--target_height=16", "--target_width=16", f"--num_classes={CLASSES}",
-                             "--use_nchw=false", "--batch_size=2"])
-    rates = predict.benchmark(cfg, tiny_model(), 1, repeats=1)
-    assert set(rates) == {"without maps", "with maps (layer size)", "with maps (resized)"}
-    assert all(r > 0 for r in rates.values())

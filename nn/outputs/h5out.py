@@ -1,12 +1,12 @@
 """Writing prediction outputs off the critical path: HDF5 compression settings, chunk shapes, and a
 writer thread fed through a bounded queue.
 
-Compression (--h5_compression), chosen by `scripts/benchmark.py h5` on predict outputs (see the README's
-Performance section): the images as fed are bilinearly resized counts, float32 whose low mantissa bits are
-noise, so every lossless filter shrinks them by well under 2x and the filters differ mostly in speed.
+Compression (--h5_compression), chosen by `scripts/benchmark.py h5` on predict outputs (figures in
+docs/performance.md): the images as fed are bilinearly resized counts, float32 whose low mantissa bits are
+noise, so no lossless filter shrinks them much and the filters differ mostly in speed.
   zstd  Blosc with Zstandard level 1 after a byte shuffle (the default): about gzip's size, written and read
-        several times faster. Readers need the filter: `import hdf5plugin` before opening the file in Python.
-  lz4   Bitshuffle + LZ4: the fastest to write and read, files about a quarter larger. Needs hdf5plugin too.
+        faster. Readers need the filter: `import hdf5plugin` before opening the file in Python.
+  lz4   Bitshuffle + LZ4: the fastest to write and read, files somewhat larger. Needs hdf5plugin too.
   gzip  deflate level 1 after a byte shuffle: HDF5's standard filters, readable by every HDF5 tool.
 """
 import queue

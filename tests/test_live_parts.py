@@ -1,0 +1,56 @@
+"""The parts of --mode=live alone, without a bridge or a network: the receiver's choice of trains to keep
+(nn/beamline/receiver.py) and the split of a classified batch into trains, files and statistics
+(nn/beamline/live.py). The whole mode runs against real bridge servers in test_live.py."""
+import time
+import types
+
+import numpy as np
+
+from nn.beamline.live import Results, Stats
+from nn.beamline.receiver import Receiver, Train
+
+PNCCD = "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output"
+
+
+def pnccd_train(train_id, shape=(16, 16)):
+    return {PNCCD: {"data.image": np.ones(shape, np.float32)}}, {PNCCD: {"timestamp.tid": train_id}}
+
+
+def test_receiver_keeps_the_newest_trains_and_counts_the_rest(caplog):
+    receiver = Receiver("tcp://127.0.0.1:1", "SUB", capacity=2)
+    for train_id in (1, 2, 3, 5):
+        receiver._accept(*pnccd_train(train_id), received=time.monotonic())
+    for _ in range(2):  # a wrong frame shape: skipped, logged once, counted each time
+        receiver._accept(*pnccd_train(6, shape=(16, 17)), received=time.monotonic())
+    trains = receiver.take(timeout=0)
+    assert [t.train_id for t in trains] == [3, 5]  # the oldest waiting trains were dropped whole
+    assert receiver.counts["trains"] == 4 and receiver.counts["dropped_trains"] == 2
+    assert receiver.counts["unsent_trains"] == 1  # train 4 never came
+    assert list(receiver.skipped.values()) == [2] and caplog.text.count("skipping messages") == 1
+    receiver.discard(trains)
+    assert receiver.counts["dropped_frames"] == 4 and receiver.take(timeout=0) == []
+
+
+def test_results_go_train_by_train_to_the_stream_and_shot_by_shot_to_the_files():
+    now = time.monotonic()
+    trains = [Train(10, None, np.arange(2), now), Train(11, None, np.arange(3), now)]
+    probs = np.linspace(0, 1, 15, dtype=np.float32).reshape(5, 3)
+    with_maps = np.array([True, False, False, True, True])
+    result = {"probabilities": probs, "classes": (probs > 0.5).astype(np.uint8),
+              "gradcam": np.arange(3, dtype=np.float32)[:, None, None, None] * np.ones((3, 3, 1, 1), np.float32)}
+    published, written = [], []
+    stats = Stats(["a", "b", "c"])
+    publisher = types.SimpleNamespace(publish=lambda *message: published.append(message))
+    files = types.SimpleNamespace(write=written.append)
+    Results(publisher, files, stats, save_images=False).add(trains, np.zeros((5, 4, 4, 1)), with_maps, result)
+
+    assert [(train_id, list(pulses)) for train_id, pulses, _ in published] == [(10, [0, 1]), (11, [0, 1, 2])]
+    first, second = published[0][2], published[1][2]
+    np.testing.assert_array_equal(first["probabilities"], probs[:2])
+    np.testing.assert_array_equal(second["classes"], result["classes"][2:])
+    assert list(first["gradcam_index"]) == [0] and first["gradcam"][:, 0, 0, 0].tolist() == [0]
+    assert list(second["gradcam_index"]) == [1, 2] and second["gradcam"][:, 0, 0, 0].tolist() == [1, 2]
+    (rows,) = written
+    assert list(rows["bids"]) == [10, 10, 11, 11, 11] and list(rows["pulses"]) == [0, 1, 0, 1, 2]
+    assert "images" not in rows and rows["probs"] is probs
+    assert stats.trains == 2 and stats.frames == 5 and len(stats.latencies) == 2
