@@ -355,15 +355,15 @@ def _fields(cfg, map_shape, has_labels, images, conv=None):
 # ----------------------------------------------------------------------------------------------
 # The run
 
-def run(cfg, model, dataset=None):
-    """Predict every record of `dataset` (default: nn.inputs.data.dataset(cfg, "predict", shard=...)) and
+def run(cfg, recipe, model, dataset=None):
+    """Predict every record of `dataset` (default: nn.inputs.data.dataset(cfg, recipe, "predict", shard=...)) and
     write the files described in the module docstring."""
     shard = shard_of(cfg)
     paths = output_paths(cfg.predict_dir, cfg.dataset, shard, cfg.save_npy)
     _prepare(paths, cfg.overwrite)
     from_files = dataset is None
     if from_files:
-        dataset = data.dataset(cfg, "predict", shard=shard)
+        dataset = data.dataset(cfg, recipe, "predict", shard=shard)
     stacked = cfg.h5_layout == "stacked"
     step = make_step(cfg, model, maps=("layer" if stacked else "resized") if cfg.gradcam else None,
                      conv=cfg.save_conv)

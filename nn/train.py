@@ -1,5 +1,5 @@
 """--mode=train: the loss, the optimizer and the loop that alternates training chunks with evaluation
-(what the original's Estimator model_fn and train_and_evaluate did).
+(what the original's Estimator model_fn and train_and_evaluate did), under the run's nn.recipe.Recipe.
 
 The loop is a custom tf.function loop rather than `model.fit` because the run must stop and save at an
 exact step on SIGTERM, refuse to save after a NaN loss, resume at the step it stopped, and alternate
@@ -23,10 +23,11 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import calibrate, checkpoints, config, distribute, metrics, recipe
+from nn import calibrate, checkpoints, config, distribute, metrics
 from nn.inputs import data
 from nn.models import networks
 from nn.config import AiryNetError
+from nn.recipe import WeightAverage, averaged_weights, positive_weights, warmup_cosine, weight_average
 from nn.signals import StopSignal
 
 log = logging.getLogger("airynet")
@@ -41,23 +42,25 @@ SECONDS_PER_CALL = 1.0  # steps per graph call are sized so that signals and the
 # ----------------------------------------------------------------------------------------------
 # The model function: learning rate, optimizer, loss
 
-def learning_rate(cfg, replicas=1):
-    """lr * global_batch / 128, divided by 10 at epochs 30, 60, 120 and 150."""
+def learning_rate(cfg, recipe, replicas=1):
+    """lr * global_batch / 128, divided by 10 at epochs 30, 60, 120 and 150; or, where the recipe says
+    so, warmed up to that peak and decayed along a cosine."""
     global_batch = cfg.batch_size * replicas
     base = cfg.lr * global_batch / 128
-    if recipe.uses(cfg, "schedule"):
-        return recipe.learning_rate(base, cfg.train_steps)
+    if recipe.cosine_schedule:
+        return warmup_cosine(base, cfg.train_steps)
     steps_per_epoch = cfg.dataset_size / global_batch
     boundaries = [int(round(e * steps_per_epoch)) for e in LR_EPOCHS]
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [base * f for f in LR_FACTORS])
 
 
-def make_optimizer(cfg, model, replicas=1):
-    if recipe.is_modern(cfg):
-        optimizer = recipe.optimizer(learning_rate(cfg, replicas), cfg.gamma, model,
-                                     recipe.WEIGHT_DECAY if recipe.uses(cfg, "weight_decay") else 0.0)
-    else:
-        optimizer = keras.optimizers.SGD(learning_rate(cfg, replicas), momentum=cfg.gamma, nesterov=True)
+def make_optimizer(cfg, recipe, model, replicas=1):
+    """Nesterov SGD, with the recipe's decoupled weight decay (none in the paper's)."""
+    optimizer = keras.optimizers.SGD(learning_rate(cfg, recipe, replicas), momentum=cfg.gamma, nesterov=True,
+                                     weight_decay=recipe.weight_decay or None)
+    if recipe.weight_decay:
+        # On the kernels only: decaying biases and batch-norm scales towards 0 only fights the normalisation.
+        optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
     if cfg.mixed_precision == "fp16":
         # float16 gradients underflow: scale the loss up and the gradients back down. Steps whose
         # gradients overflow are skipped and halve the scale (a few at the start, while it settles).
@@ -107,8 +110,8 @@ class State:
     checkpoint: tf.train.Checkpoint
     manager: tf.train.CheckpointManager
     step: int
-    average: recipe.WeightAverage = None  # --recipe=modern's average of the weights, for inference
-    pos_weight: np.ndarray = None  # --recipe=modern's weights of the positive labels
+    average: WeightAverage = None  # the recipe's average of the weights, for inference
+    pos_weight: np.ndarray = None  # the recipe's weights of the positive labels
     saved_step: int = None  # the step of the newest checkpoint written or restored
     last_save: float = 0.0  # time.time() of the newest checkpoint (or of the start), for the hourly save
 
@@ -123,11 +126,11 @@ class State:
         return time.time()
 
 
-def build_state(cfg, strategy, cluster, run_dir, resume_path):
+def build_state(cfg, recipe, strategy, cluster, run_dir, resume_path):
     with strategy.scope():
-        model = networks.build_model(cfg)
-        optimizer = make_optimizer(cfg, model, strategy.num_replicas_in_sync)
-        average = recipe.weight_average(cfg, model)
+        model = networks.build_model(cfg, recipe.bn_momentum)
+        optimizer = make_optimizer(cfg, recipe, model, strategy.num_replicas_in_sync)
+        average = weight_average(recipe, model)
         # The SGD is saved, not the fp16 loss-scale wrapper around it, so that a run can be resumed
         # with any --mixed_precision; a resumed fp16 run starts its loss scale afresh.
         saved = {"model": model, "optimizer": getattr(optimizer, "inner_optimizer", optimizer)}
@@ -145,9 +148,9 @@ def build_state(cfg, strategy, cluster, run_dir, resume_path):
         checkpoints.restore(checkpoint, resume_path, cfg)
     step = int(optimizer.iterations.numpy())
     pos_weight = None
-    if recipe.uses(cfg, "pos_weight") and not cfg.single_label:
-        frequencies = data.class_frequencies(cfg)
-        pos_weight = recipe.positive_weights(frequencies)
+    if recipe.positive_class_weights and not cfg.single_label:
+        frequencies = data.class_frequencies(cfg, recipe)
+        pos_weight = positive_weights(frequencies)
         log.info("Positive-class weights (from class shares %s): %s", [round(float(f), 3) for f in frequencies],
                  [round(float(w), 2) for w in pos_weight])
     return State(model, optimizer, checkpoint, manager, step, average, pos_weight,
@@ -227,17 +230,17 @@ def step_functions(cfg, strategy, state):
 # ----------------------------------------------------------------------------------------------
 # Phase 4: the loop
 
-def train(cfg):
+def train(cfg, recipe):
     # Phase 1: data and run directory. The datasets check their sources as they are built, so bad data
     # fails before the run directory is made. On GPUs the distributed iterators copy the next batches
     # into GPU memory while a step runs.
     strategy, cluster = distribute.make_strategy(cfg)
     to_device = tf.distribute.InputOptions(experimental_fetch_to_device=True)
     train_ds, eval_ds = (strategy.distribute_datasets_from_function(
-        lambda ctx, mode=mode: data.dataset(cfg, mode, input_context=ctx), to_device) for mode in ("train", "eval"))
+        lambda ctx, mode=mode: data.dataset(cfg, recipe, mode, input_context=ctx), to_device) for mode in ("train", "eval"))
     run_dir, resume_path = _prepare_run_dir(cfg, cluster)
     distribute.log_start(cfg, strategy, resume_path, cluster)
-    state = build_state(cfg, strategy, cluster, run_dir, resume_path)
+    state = build_state(cfg, recipe, strategy, cluster, run_dir, resume_path)
     steps = step_functions(cfg, strategy, state)
     train_iter, eval_iter = iter(train_ds), iter(eval_ds)
     logger = TrainingLog(cfg, run_dir, cluster.is_chief)
@@ -259,15 +262,15 @@ def train(cfg):
             throughput.pause(state.step)
             state.last_save = state.save(f"end of chunk at step {state.step}", cluster.is_chief)
             bar.clear()
-            with recipe.averaged_weights(state.model, state.average):
+            with averaged_weights(state.model, state.average):
                 evaluate_chunk(cfg, steps.eval, eval_iter, stop, logger, state.step)
             throughput.resume(state.step)
     logger.close()
     if exit_code == 0:
         log.info("Training finished at step %d; run directory %s", state.step, run_dir)
-        if cluster.is_chief and cfg.calibration_fraction > 0 and not cfg.single_label:
-            with recipe.averaged_weights(state.model, state.average):
-                calibrate.calibrate(cfg, state.model, run_dir, state.step)
+        if cluster.is_chief and recipe.calibration_share > 0 and not cfg.single_label:
+            with averaged_weights(state.model, state.average):
+                calibrate.calibrate(cfg, recipe, state.model, run_dir, state.step)
     if throughput.seconds > 0:
         log.info("Training throughput %.1f img/s over %d steps (logging and summaries included; the first "
                  "call, which traces the graph, evaluation and checkpoints excluded)", throughput.rate(),

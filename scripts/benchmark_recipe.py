@@ -28,14 +28,15 @@ from nn.inputs.preprocess import preprocess  # noqa: E402
 
 
 def make_step(cfg, shots, labels):
-    model = networks.build_model(cfg)
-    optimizer = train.make_optimizer(cfg, model)
-    average = recipe.weight_average(cfg, model)
-    pos_weight = recipe.positive_weights(simulate.CLASS_SHARES) if recipe.uses(cfg, "pos_weight") else None
+    run_recipe = recipe.resolve(cfg)
+    model = networks.build_model(cfg, run_recipe.bn_momentum)
+    optimizer = train.make_optimizer(cfg, run_recipe, model)
+    average = recipe.weight_average(run_recipe, model)
+    pos_weight = recipe.positive_weights(simulate.CLASS_SHARES) if run_recipe.positive_class_weights else None
 
     @tf.function
     def step(i):
-        images = preprocess(shots, cfg, training=True, seed=tf.stack([tf.constant(0, tf.int64), i]))
+        images = preprocess(shots, cfg, run_recipe, training=True, seed=tf.stack([tf.constant(0, tf.int64), i]))
         with tf.GradientTape() as tape:
             terms = train.loss_terms(cfg, model, labels, model(images, training=True), cfg.batch_size, pos_weight)
         grads = tape.gradient(terms["loss"], model.trainable_variables)

@@ -222,11 +222,11 @@ class Classifier:
     or --batch_size, because oneDNN builds its kernels per input shape and keeps a bounded number (cycling
     through 24 batch sizes ran at a quarter of the speed of one fixed size)."""
 
-    def __init__(self, cfg, model, detector, socket):
+    def __init__(self, cfg, recipe, model, detector, socket):
         self.detector, self.batch_size = detector, cfg.batch_size
         self.buffer = _aligned_zeros((cfg.batch_size, *detector.frame_shape))
         spec = tf.TensorSpec([None, *detector.frame_shape, 1], tf.float32)
-        self._prepare = tf.function(lambda raw: preprocess(raw, cfg, training=False), input_signature=[spec])
+        self._prepare = tf.function(lambda raw: preprocess(raw, cfg, recipe, training=False), input_signature=[spec])
         self.step = make_step(cfg, model, maps=None)
         self.maps_step = make_step(cfg, model, maps="layer") if cfg.gradcam_every else None
         self.shapes = [cfg.batch_size]
@@ -445,7 +445,7 @@ def _percentiles(values):
 # ----------------------------------------------------------------------------------------------
 # The run
 
-def run(cfg, model):
+def run(cfg, recipe, model):
     """Classify bridge trains until --live_trains, --live_seconds or a signal; returns 0."""
     names = config.class_names(cfg)
     receiver = Receiver(cfg, capacity=cfg.batch_size)
@@ -461,7 +461,7 @@ def run(cfg, model):
             stats = Stats(names)
             if _wait_for_detector(receiver, until):
                 euxfel.set_frame_size(cfg, receiver.detector)
-                classifier = Classifier(cfg, model, receiver.detector, cfg.bridge_socket)
+                classifier = Classifier(cfg, recipe, model, receiver.detector, cfg.bridge_socket)
                 receiver.capacity = classifier.batch_frames
                 log.info("Batches of up to %d frames", classifier.batch_frames)
                 # The first train waited for the set-up (tracing); it counts as dropped, not as latency.

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from nn import recipe
-
-BN_MOMENTUM = 0.997
+BN_MOMENTUM = 0.997  # the original's; --recipe=modern's is in nn/recipe.py
 BN_EPSILON = 1e-5
 # The output of the last block group, before pooling: Grad-CAM++'s target in both architectures (its
 # output is channels_first when --use_nchw).
@@ -123,9 +121,8 @@ class Builder:
     bn_momentum: float = BN_MOMENTUM
 
     @classmethod
-    def from_flags(cls, cfg):
-        momentum = recipe.BN_MOMENTUM if recipe.uses(cfg, "bn_momentum") else BN_MOMENTUM
-        return cls(data_format(cfg), kernel_regularizer(cfg), cfg.relu_leakiness, momentum)
+    def from_flags(cls, cfg, bn_momentum=BN_MOMENTUM):
+        return cls(data_format(cfg), kernel_regularizer(cfg), cfg.relu_leakiness, bn_momentum)
 
     def conv(self, x, filters, kernel_size, strides, name, dtype=None):
         """Bias-free conv with the original's "fixed padding".

@@ -51,12 +51,12 @@ def _bottleneck_block(x, net, filters, strides, project, name):
     return keras.layers.Add(name=f"{name}_add")([x, shortcut])
 
 
-def build(cfg):
+def build(cfg, bn_momentum=layers.BN_MOMENTUM):
     blocks, bottleneck = SIZES[cfg.resnet_size]
     block = _bottleneck_block if bottleneck else _basic_block
     df = layers.data_format(cfg)
     stem = layers.stem_dtype(cfg)
-    net = layers.Builder.from_flags(cfg)
+    net = layers.Builder.from_flags(cfg, bn_momentum)
     inputs, x = layers.network_input(cfg, stem)
 
     x = net.conv(x, 64, 7, 2, "initial_conv", dtype=stem)
