@@ -145,7 +145,7 @@ def test_label_versus_prediction_image_shows_the_heads_probabilities(tmp_path):
     images = tf.zeros([2, 8, 8, 1])
     for single in ("true", "false"):
         cfg = config.parse_args([f"--single_label={single}", "--num_classes=3"])
-        logger = train.TrainingLog(cfg, str(tmp_path / single), is_chief=True)
+        logger = train.TrainingLog(cfg, str(tmp_path / single), is_chief=True, first_step=0, global_batch=2)
         logger.images(images, labels, logits, step=1)
         logger.close()
         image = None
