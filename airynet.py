@@ -73,31 +73,32 @@ def run(cfg):
     # Set on every run, "none" included: the policy is global and must not leak into a later run in this process.
     keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[cfg.mixed_precision])
 
+    from nn import recipe
     from nn.inputs import cxi
     try:
-        return dispatch(cfg)
+        return dispatch(cfg, recipe.resolve(cfg))  # the run's recipe, now that its flags are final
     finally:
         cxi.close_all()
 
 
-def dispatch(cfg):
+def dispatch(cfg, recipe):
     """One module per mode; predict, save and eval never import the training module."""
     if cfg.mode == "train":
         from nn import train
-        return train.train(cfg)
+        return train.train(cfg, recipe)
     if cfg.mode == "eval":
         from nn import evaluate
-        return evaluate.evaluate(cfg)
+        return evaluate.evaluate(cfg, recipe)
     from nn import checkpoints
-    model, _ = checkpoints.restore_model(cfg)
+    model, _ = checkpoints.restore_model(cfg, recipe)
     if cfg.mode == "live":
         from nn.beamline import live
-        return live.run(cfg, model)
+        return live.run(cfg, recipe, model)
     if cfg.mode == "predict":
         from nn import predict
-        return predict.run(cfg, model) or 0
+        return predict.run(cfg, recipe, model) or 0
     from nn import export
-    return export.save(cfg, model) or 0
+    return export.save(cfg, recipe, model) or 0
 
 
 def debug_requested(argv, cfg):

@@ -1,6 +1,6 @@
-"""The end of a training run with --calibration_fraction > 0: each class's decision threshold, chosen
-on the calibration split (training shots held out from training, never eval shots; nn/inputs/data.py) to
-maximise its F1, written to RUN/thresholds.json for eval, predict and save."""
+"""The end of a training run whose recipe holds out a calibration share (nn/recipe.py): each class's
+decision threshold, chosen on the calibration split (training shots held out from training, never eval
+shots; nn/inputs/data.py) to maximise its F1, written to RUN/thresholds.json for eval, predict and save."""
 import logging
 
 import numpy as np
@@ -13,7 +13,7 @@ from nn.models import networks
 log = logging.getLogger("airynet")
 
 
-def calibrate(cfg, model, run_dir, step):
+def calibrate(cfg, recipe, model, run_dir, step):
     """-> the thresholds [C], also written to run_dir/thresholds.json."""
     @tf.function
     def forward(images):
@@ -21,7 +21,7 @@ def calibrate(cfg, model, run_dir, step):
 
     scores, truths = [], []
     try:
-        for images, labels in data.dataset(cfg, "calibrate"):
+        for images, labels in data.dataset(cfg, recipe, "calibrate"):
             scores.append(forward(images).numpy())
             truths.append(labels.numpy())
     except data.READ_ERRORS as e:

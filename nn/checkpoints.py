@@ -11,10 +11,10 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from nn import recipe
 from nn.config import AiryNetError, first_line
 from nn.files import atomic_file
 from nn.models.networks import build_model
+from nn.recipe import weight_average
 
 log = logging.getLogger("airynet")
 
@@ -47,14 +47,14 @@ def restore(checkpoint, path, cfg, partial=False):
                            f"{first_line(e)}") from e
 
 
-def restore_model(cfg):
-    """-> (the network of the run in cfg.load_dir with its latest weights, their step). A
-    --recipe=modern run gives the average of its weights, which is what it evaluated and calibrated."""
+def restore_model(cfg, recipe):
+    """-> (the network of the run in cfg.load_dir with its latest weights, their step). A run whose
+    recipe averages the weights gives the average, which is what it evaluated and calibrated."""
     path = latest_checkpoint(cfg.load_dir)
     if path is None:
         raise AiryNetError(f"--load_dir={cfg.load_dir}: no checkpoint ({CHECKPOINT_NAME}-STEP) found there")
-    model = build_model(cfg)
-    average = recipe.weight_average(cfg, model)
+    model = build_model(cfg, recipe.bn_momentum)
+    average = weight_average(recipe, model)
     if average is None:
         restore(tf.train.Checkpoint(model=model), path, cfg, partial=True)
     else:

@@ -257,9 +257,8 @@ def validate(cfg):
     if unknown:
         raise AiryNetError(f"--recipe_without={cfg.recipe_without}: unknown pieces {sorted(unknown)}; "
                            f"the pieces are {', '.join(MODERN_PIECES)}")
-    if cfg.calibration_fraction is None:
-        cfg.calibration_fraction = 0.1 if cfg.recipe == "modern" else 0.0
-    if not 0 <= cfg.calibration_fraction <= 0.5:
+    # Unset, it stays None (so in the saved config too): the recipe's share applies (nn/recipe.py).
+    if cfg.calibration_fraction is not None and not 0 <= cfg.calibration_fraction <= 0.5:
         raise AiryNetError(f"--calibration_fraction={cfg.calibration_fraction}: must be in [0, 0.5]")
     if cfg.thresholds != "run":
         try:

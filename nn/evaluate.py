@@ -17,10 +17,10 @@ from nn.files import atomic_file
 log = logging.getLogger("airynet")
 
 
-def evaluate(cfg):
-    model, step = checkpoints.restore_model(cfg)
+def evaluate(cfg, recipe):
+    model, step = checkpoints.restore_model(cfg, recipe)
     thresholds = checkpoints.decision_thresholds(cfg)
-    ds = data.dataset(cfg, "eval", one_pass=cfg.eval_steps is None)
+    ds = data.dataset(cfg, recipe, "eval", one_pass=cfg.eval_steps is None)
     if cfg.eval_steps:
         ds = ds.take(cfg.eval_steps)
 

@@ -27,7 +27,7 @@ log = logging.getLogger("airynet")
 
 
 class Serving(tf.Module):
-    def __init__(self, cfg, model):
+    def __init__(self, cfg, recipe, model):
         super().__init__(name="airynet")
         self.model = model
         spec = tf.TensorSpec([None, cfg.ori_height, cfg.ori_width, cfg.ori_depth], tf.float32, name="images")
@@ -35,14 +35,14 @@ class Serving(tf.Module):
 
         @tf.function(input_signature=[spec])
         def serve(images):
-            logits = model(preprocess(images, cfg, training=False), training=False)
+            logits = model(preprocess(images, cfg, recipe, training=False), training=False)
             return {"probabilities": networks.probabilities(logits, cfg.single_label),
                     "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label, thresholds), tf.int32)}
 
         self.serve = serve
 
 
-def save(cfg, model):
+def save(cfg, recipe, model):
     """Write the SavedModel to cfg.save_dir, which must not exist or be empty. The export goes to a
     temporary directory beside it that is renamed when complete, so the SavedModel appears whole or
     not at all."""
@@ -57,7 +57,7 @@ def save(cfg, model):
     except OSError as e:
         raise AiryNetError(f"--save_dir={cfg.save_dir}: cannot write there ({e.strerror})") from e
     try:
-        module = Serving(cfg, model)
+        module = Serving(cfg, recipe, model)
         tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
         os.replace(tmp, target)  # rename(2) may replace an empty directory
     except (OSError, tf.errors.OpError) as e:  # disk full, permissions (TensorFlow's file system raises OpError)

@@ -40,15 +40,15 @@ def shard_of(cfg):
 # ----------------------------------------------------------------------------------------------
 # The run
 
-def run(cfg, model, dataset=None):
-    """Predict every record of `dataset` (default: nn.inputs.data.dataset(cfg, "predict", shard=...)) and
+def run(cfg, recipe, model, dataset=None):
+    """Predict every record of `dataset` (default: nn.inputs.data.dataset(cfg, recipe, "predict", shard=...)) and
     write the files described in the module docstring."""
     shard = shard_of(cfg)
     paths = writers.output_paths(cfg.predict_dir, cfg.dataset, shard, cfg.save_npy)
     writers.prepare(cfg.predict_dir, paths.values(), cfg.overwrite)
     from_files = dataset is None
     if from_files:
-        dataset = data.dataset(cfg, "predict", shard=shard)
+        dataset = data.dataset(cfg, recipe, "predict", shard=shard)
     stacked = cfg.h5_layout == "stacked"
     step = inference.make_step(cfg, model, maps=("layer" if stacked else "resized") if cfg.gradcam else None,
                                conv=cfg.save_conv)

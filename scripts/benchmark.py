@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from nn import config  # noqa: E402
+from nn.recipe import PAPER  # noqa: E402  (every benchmark here runs the paper's recipe)
 from nn.inputs import cxi, data, simulate, tfrecord
 
 
@@ -137,7 +138,7 @@ def bench_input(args):
     plain = plain_pipelines(args, dirs) if args.baseline else {}
     for name, directory in dirs.items():
         cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}")
-        datasets = {"airynet": data.dataset(cfg, "train")}
+        datasets = {"airynet": data.dataset(cfg, PAPER, "train")}
         if name in plain:
             datasets["plain"] = plain[name].batch(args.batch_size).prefetch(tf.data.AUTOTUNE)
         runs = steady_rates(datasets, args)
@@ -156,7 +157,7 @@ def bench_train(args):
     from nn.models.networks import build_model
     cfg = make_cfg(args, "--dataset=synthetic")
     model = build_model(cfg)
-    optimizer = train.make_optimizer(cfg, model)
+    optimizer = train.make_optimizer(cfg, PAPER, model)
     images = tf.random.uniform([args.batch_size, args.target, args.target, 1], 0, 1000)
     labels = tf.cast(tf.random.uniform([args.batch_size, cfg.num_classes]) > 0.5, tf.float32)
 
@@ -300,10 +301,10 @@ def predict_outputs(args):
     directory, run_dir = write_predict_data(args, args.predict_shots)
     cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}",
                    f"--load_dir={run_dir}")
-    model, _ = checkpoints.restore_model(cfg)
+    model, _ = checkpoints.restore_model(cfg, PAPER)
     step = inference.make_step(cfg, model)
     parts = []
-    for batch in data.dataset(cfg, "predict"):
+    for batch in data.dataset(cfg, PAPER, "predict"):
         result = step(batch["image"])
         parts.append({"images": batch["image"].numpy(), "grad_cam": result["grad_cam"].numpy().astype(np.float16),
                       "probs": result["probabilities"].numpy()})

@@ -73,7 +73,8 @@ def main(argv=None):
     settings = simulate.SHIFTED if args.shifted else simulate.shifted_in(args.shift) if args.shift else None
     with atomic_dir(args.out) as staging:
         for mode in args.modes.split(","):
-            first, last = data.synthetic_range(cfg, mode)
+            # Every training shot: a run that calibrates holds its calibration shots out of these files itself.
+            first, last = data.synthetic_range(cfg, mode, calibration_share=0.0)
             if args.eval_size is not None and mode != "train":
                 last = first + args.eval_size
             write_split(staging, args.format, mode, first, last, args.random_seed, args.size, args.per_file,

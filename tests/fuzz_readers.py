@@ -22,6 +22,7 @@ import tensorflow as tf  # noqa: E402
 
 from nn import config  # noqa: E402
 from nn.inputs import cxi, data, simulate, tfrecord
+from nn.recipe import PAPER
 
 SIZE = 24
 FLAGS = [f"--ori_width={SIZE}", f"--ori_height={SIZE}", "--target_width=16", "--target_height=16",
@@ -38,7 +39,7 @@ def read_all(cfg, mode):
     try:
         batches = []
         try:
-            for batch in data.dataset(cfg, mode, one_pass=True):
+            for batch in data.dataset(cfg, PAPER, mode, one_pass=True):
                 images = batch["image"] if isinstance(batch, dict) else batch[0]
                 assert images.shape[1:] == (16, 16, 1) and np.isfinite(images.numpy()).all()
                 batches.append(images.numpy())

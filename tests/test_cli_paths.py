@@ -22,6 +22,7 @@ from nn import checkpoints, config, metrics, train
 from nn.inputs import cxi, data, simulate, tfrecord
 from nn.models import vgg
 from nn.outputs import plots
+from nn.recipe import PAPER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [f"--ori_width={SIZE}", f"--ori_height={SIZE}", "--target_width=32", "--target_height=32",
@@ -144,7 +145,7 @@ def test_label_versus_prediction_image_shows_the_heads_probabilities(tmp_path):
     images = tf.zeros([2, 8, 8, 1])
     for single in ("true", "false"):
         cfg = config.parse_args([f"--single_label={single}", "--num_classes=3"])
-        logger = train.TrainingLog(cfg, str(tmp_path / single), is_chief=True)
+        logger = train.TrainingLog(cfg, str(tmp_path / single), is_chief=True, first_step=0, global_batch=2)
         logger.images(images, labels, logits, step=1)
         logger.close()
         image = None
@@ -193,8 +194,8 @@ def test_ccf_noise_keys_and_fraction_files_through_training(shots, tmp_path):
     plain = tmp_path / "plain"
     os.makedirs(plain / "helium")
     tfrecord.write(str(plain / "helium" / "p_predict.tfrecord"), images[16:20], 40 + np.arange(4))
-    ccf = next(iter(data.dataset(cfg, "predict")))
-    raw = next(iter(data.dataset(config.parse_args([f"--data_dir={plain}/"] + TINY), "predict")))
+    ccf = next(iter(data.dataset(cfg, PAPER, "predict")))
+    raw = next(iter(data.dataset(config.parse_args([f"--data_dir={plain}/"] + TINY), PAPER, "predict")))
     np.testing.assert_array_equal(ccf["image"].numpy(), raw["image"].numpy())
     np.testing.assert_array_equal(ccf["bunch_id"].numpy(), 40 + np.arange(4))
 
@@ -221,7 +222,7 @@ def test_cxi_labels_reads_the_named_dataset(shots, tmp_path):
         f["entry_1/result_1/classes"] = labels[:8].astype(np.int16)
     flags = [f"--data_dir={tmp_path}/", "--dataset=stacked"] + TINY
     read = lambda *extra: np.concatenate([y.numpy() for _, y in data.dataset(
-        config.parse_args(flags + list(extra)), "eval", one_pass=True)])
+        config.parse_args(flags + list(extra)), PAPER, "eval", one_pass=True)])
     np.testing.assert_array_equal(read("--cxi_labels=entry_1/result_1/classes"), labels[:8])
     np.testing.assert_array_equal(read(), 1 - labels[:8])
     with pytest.raises(config.AiryNetError, match=r"all_eval\.cxi: no labels \(--cxi_labels"):
@@ -246,7 +247,7 @@ def test_synthetic_dataset_through_the_cli(tmp_path):
          "--steps_per_eval=2", "--eval_steps=1")
     main("--mode=predict", f"--load_dir={tmp_path / 'logs' / 'synthetic_syn'}", f"--predict_dir={tmp_path / 'p'}",
          "--gradcam=false", "--batch_size=64")
-    first, last = data.synthetic_range(config.parse_args(flags), "predict")
+    first, last = data.synthetic_range(config.parse_args(flags), "predict", PAPER.calibration_share)
     bids, flags_read, probs = read_txt(tmp_path / "p" / "synthetic.txt")
     assert bids == list(range(first, last))  # every held-out shot once, in order
     with h5py.File(tmp_path / "p" / "synthetic.h5", "r") as f:
@@ -370,7 +371,7 @@ def test_make_dataset_moves_one_group_of_settings(tmp_path):
     import make_dataset
     make_dataset.main([f"--out={tmp_path / 'masks'}", f"--size={SIZE}", "--modes=eval", "--eval_size=3",
                        "--random_seed=5", "--shift=masks"])
-    first, _ = data.synthetic_range(config.parse_args(["--dataset_size=7264"]), "eval")
+    first, _ = data.synthetic_range(config.parse_args(["--dataset_size=7264"]), "eval", PAPER.calibration_share)
     images, _ = simulate.simulate(3, 5, SIZE, start=first, settings=simulate.shifted_in("masks"))
     [path] = os.listdir(tmp_path / "masks")
     record = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(str(tmp_path / "masks" / path)))).numpy())

@@ -11,6 +11,7 @@ from conftest import SIZE, make_cfg
 from nn import config
 from nn.inputs import cxi, data, preprocess, tfrecord
 from nn.config import AiryNetError
+from nn.recipe import PAPER
 
 
 def crops(images):
@@ -33,14 +34,14 @@ def test_crop_size():
 
 def test_tfrecord_eval_gives_cropped_counts_and_labels(tfrecord_dir, shots):
     cfg = make_cfg(f"--data_dir={tfrecord_dir}")
-    got = collect(data.dataset(cfg, "eval", one_pass=True))
+    got = collect(data.dataset(cfg, PAPER, "eval", one_pass=True))
     np.testing.assert_array_equal(got["image"][..., 0], crops(shots[0][16:]))
     np.testing.assert_array_equal(got["label"], shots[1][16:])
 
 
 def test_tfrecord_predict_reads_bunch_ids_in_order(tfrecord_dir):
     cfg = make_cfg(f"--data_dir={tfrecord_dir}", "--mode=predict", "--load_dir=x")
-    got = collect(data.dataset(cfg, "predict"))
+    got = collect(data.dataset(cfg, PAPER, "predict"))
     assert got["bunch_id"].tolist() == list(range(1000, 1008))
     assert "label" not in got and got["image"].shape == (8, 32, 32, 1)
 
@@ -50,22 +51,22 @@ def test_cxidb_predict_uses_one_hot_argmax(tmp_path, shots):
     one_hot = np.eye(11, dtype=np.int16)[[3, 0, 7]]
     tfrecord.write(str(tmp_path / "cxidb" / "a_predict.tfrecord"), shots[0][:3], one_hot)
     cfg = make_cfg(f"--data_dir={tmp_path}/", "--dataset=cxidb")
-    got = collect(data.dataset(cfg, "predict"))
+    got = collect(data.dataset(cfg, PAPER, "predict"))
     assert got["bunch_id"].tolist() == [3, 0, 7]
     np.testing.assert_array_equal(got["label"], one_hot)
 
 
 def test_predict_shards_take_every_nth_record(tfrecord_dir):
     cfg = make_cfg(f"--data_dir={tfrecord_dir}")
-    assert collect(data.dataset(cfg, "predict", shard=(1, 3)))["bunch_id"].tolist() == [1001, 1004, 1007]
+    assert collect(data.dataset(cfg, PAPER, "predict", shard=(1, 3)))["bunch_id"].tolist() == [1001, 1004, 1007]
 
 
 def test_cxi_per_shot_layout(cxi_dir, shots):
     cfg = make_cfg(f"--data_dir={cxi_dir}", "--dataset=shots")
-    got = collect(data.dataset(cfg, "eval", one_pass=True))
+    got = collect(data.dataset(cfg, PAPER, "eval", one_pass=True))
     np.testing.assert_array_equal(got["image"][..., 0], crops(shots[0][16:]))
     np.testing.assert_array_equal(got["label"], shots[1][16:])
-    predicted = collect(data.dataset(cfg, "predict"))
+    predicted = collect(data.dataset(cfg, PAPER, "predict"))
     assert predicted["bunch_id"].tolist() == list(range(516, 524))
     np.testing.assert_array_equal(predicted["label"], shots[1][16:])
 
@@ -130,9 +131,9 @@ def test_cxi_per_shot_reads_every_storage_as_hdf5_does(tmp_path, shots, caplog):
 
 def test_single_stacked_file_is_split_deterministically(cxi_dir, shots):
     cfg = make_cfg(f"--data_dir={cxi_dir}", "--dataset=stacked")
-    evaluated = collect(data.dataset(cfg, "eval", one_pass=True))
-    trained = collect(data.dataset(cfg, "train", one_pass=True))
-    predicted = collect(data.dataset(cfg, "predict"))
+    evaluated = collect(data.dataset(cfg, PAPER, "eval", one_pass=True))
+    trained = collect(data.dataset(cfg, PAPER, "train", one_pass=True))
+    predicted = collect(data.dataset(cfg, PAPER, "predict"))
     held_out = [9, 19]  # every 10th shot
     np.testing.assert_array_equal(evaluated["image"][..., 0], crops(shots[0][held_out]))
     kept = [i for i in range(24) if i not in held_out]
@@ -150,7 +151,7 @@ def test_stacked_mask_bits_and_nan_pixels_become_zero(tmp_path, shots, caplog):
     cxi.write_cxi_stacked(str(tmp_path / "d" / "x_predict.cxi"), images, None, None, mask)
     cfg = make_cfg(f"--data_dir={tmp_path}/", "--dataset=d")
     with caplog.at_level(logging.WARNING, logger="airynet"):
-        got = collect(data.dataset(cfg, "predict"))
+        got = collect(data.dataset(cfg, PAPER, "predict"))
     assert got["bunch_id"].tolist() == [0, 1, 2, 3]  # no IDs stored: the index
     assert np.all(got["image"][:, 14, 14, 0] == 0) and got["image"][2, 16, 17, 0] == 0
     np.testing.assert_array_equal(got["image"][:, 15, 15, 0], images[:, 19, 19])
@@ -161,7 +162,7 @@ def test_stacked_mask_bits_and_nan_pixels_become_zero(tmp_path, shots, caplog):
 def test_preprocessing_scaling_rgb_and_downsampling(tfrecord_dir, shots):
     cfg = make_cfg(f"--data_dir={tfrecord_dir}", "--use_log_act=false", "--target_depth=3",
                    "--target_width=16", "--target_height=16")
-    got = collect(data.dataset(cfg, "eval", one_pass=True))["image"]
+    got = collect(data.dataset(cfg, PAPER, "eval", one_pass=True))["image"]
     assert got.shape == (8, 16, 16, 3)
     np.testing.assert_array_equal(got[..., 0], got[..., 2])
     # A bilinear 2x reduction (half-pixel centres) is the mean of each 2x2 block.
@@ -211,7 +212,7 @@ def test_preprocess_crops_the_centre_then_resizes(stored, target):
     raw = np.random.default_rng(3).integers(0, 65535, (2, *stored, 1)).astype(np.uint16)
     crop = [config.crop_size(n) for n in stored]
     expected = exact_bilinear(tf.image.resize_with_crop_or_pad(raw, *crop).numpy().astype(np.float64), *target)
-    np.testing.assert_allclose(preprocess.preprocess(raw, cfg).numpy(), expected / 65535.0, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(preprocess.preprocess(raw, cfg, PAPER).numpy(), expected / 65535.0, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("depth", [1, 3])
@@ -229,8 +230,8 @@ def test_random_flips_flip_each_image_its_own_way(depth):
 
 def test_training_flips_images_and_is_deterministic(tfrecord_dir, shots):
     cfg = make_cfg(f"--data_dir={tfrecord_dir}")
-    first = [b[0].numpy() for b in data.dataset(cfg, "train").take(4)]
-    again = [b[0].numpy() for b in data.dataset(cfg, "train").take(4)]
+    first = [b[0].numpy() for b in data.dataset(cfg, PAPER, "train").take(4)]
+    again = [b[0].numpy() for b in data.dataset(cfg, PAPER, "train").take(4)]
     np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
     sources = crops(shots[0][:16])
     variants = {"none": sources, "lr": sources[:, :, ::-1], "ud": sources[:, ::-1], "both": sources[:, ::-1, ::-1]}
@@ -244,9 +245,9 @@ def test_training_flips_images_and_is_deterministic(tfrecord_dir, shots):
 
 def test_synthetic_source_needs_no_files(tmp_path):
     cfg = make_cfg(f"--data_dir={tmp_path}/", "--dataset=synthetic", "--dataset_size=40")
-    a = collect(data.dataset(cfg, "predict"))
-    b = collect(data.dataset(cfg, "predict"))
-    first, last = data.synthetic_range(cfg, "predict")
+    a = collect(data.dataset(cfg, PAPER, "predict"))
+    b = collect(data.dataset(cfg, PAPER, "predict"))
+    first, last = data.synthetic_range(cfg, "predict", PAPER.calibration_share)
     assert a["bunch_id"].tolist() == list(range(first, last)) and first == 40
     assert a["image"].shape == (last - first, 32, 32, 1) and a["label"].shape == (last - first, 11)
     np.testing.assert_array_equal(a["image"], b["image"])
@@ -256,7 +257,7 @@ def test_synthetic_source_needs_no_files(tmp_path):
 
 def error_of(cfg, mode="train", read=False):
     with pytest.raises(AiryNetError) as e:
-        ds = data.dataset(cfg, mode)
+        ds = data.dataset(cfg, PAPER, mode)
         if read:
             try:
                 for _ in ds.take(100):
@@ -331,8 +332,8 @@ def test_cxi_depth_is_checked_before_any_reading(cxi_dir):
 
 def test_cxi_files_are_opened_once_and_closed_at_the_end(cxi_dir):
     cfg = make_cfg(f"--data_dir={cxi_dir}", "--dataset=stacked")
-    data.dataset(cfg, "train")
-    data.dataset(cfg, "eval")  # the same unsplit file: the same reader
+    data.dataset(cfg, PAPER, "train")
+    data.dataset(cfg, PAPER, "eval")  # the same unsplit file: the same reader
     first = cxi.open_cxi(os.path.join(cxi_dir, "stacked", "all.cxi"), cfg, needs_labels=True)
     assert first is cxi.open_cxi(os.path.join(cxi_dir, "stacked", "all.cxi"), cfg, needs_labels=False)
     shots = cxi.open_cxi(os.path.join(cxi_dir, "shots", "run_eval.cxi"), cfg, needs_labels=True)
@@ -357,7 +358,7 @@ def test_a_failed_cxi_read_reports_the_readers_own_error(tmp_path, shots):
     with pytest.raises(OSError) as direct:
         cxi.open_cxi(path, cfg, needs_labels=True).read(0, 6)
     cxi.take_failure()
-    ds = data.dataset(cfg, "eval", one_pass=True)
+    ds = data.dataset(cfg, PAPER, "eval", one_pass=True)
     with pytest.raises(data.READ_ERRORS) as wrapped:
         collect(ds)
     reported = data.describe_failure(cfg, "eval", wrapped.value)

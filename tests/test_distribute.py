@@ -26,6 +26,7 @@ import airynet
 from conftest import make_cfg
 from nn import checkpoints, distribute
 from nn.config import AiryNetError
+from nn.recipe import PAPER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=helium", "--target_width=32", "--target_height=32", "--ori_width=40", "--ori_height=40",
@@ -314,5 +315,5 @@ def test_mixed_precision_and_xla_train_and_resume(tfrecord_dir, tmp_path, caplog
     assert tf.train.latest_checkpoint(run_dir).endswith("model.ckpt-4")
     # ...and a float32 model loads it.
     keras.mixed_precision.set_global_policy("float32")
-    _, step = checkpoints.restore_model(make_cfg(f"--load_dir={run_dir}", "--mode=eval", "--use_nchw=false"))
+    _, step = checkpoints.restore_model(make_cfg(f"--load_dir={run_dir}", "--mode=eval", "--use_nchw=false"), PAPER)
     assert step == 4

@@ -12,6 +12,7 @@ from extra_data.tests.mockdata.base import DeviceBase
 from conftest import make_cfg
 from nn.inputs import data, detectors, euxfel, simulate
 from nn.config import AiryNetError
+from nn.recipe import PAPER
 
 PNCCD = "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0"
 AGIPD = "SPB_DET_AGIPD1M-1/CAL/APPEND_CORRECTED"
@@ -172,9 +173,9 @@ def test_run_directory_records_and_hook(tmp_path):
     assert (cfg.ori_height, cfg.ori_width) == (48, 48)
     assert [s["bunch_id"] for s in shots] == list(range(10000, 10005)) and all(s["pulse"] == 0 for s in shots)
     np.testing.assert_array_equal(np.stack([s["image"][..., 0] for s in shots]), images)
-    batches = list(data.dataset(cfg, "predict"))
+    batches = list(data.dataset(cfg, PAPER, "predict"))
     assert batches[0]["image"].shape == (4, 32, 32, 1) and list(batches[1]["pulse"].numpy()) == [0]
     with pytest.raises(AiryNetError, match="carries no labels"):
-        data.dataset(cfg, "train")
+        data.dataset(cfg, PAPER, "train")
     with pytest.raises(AiryNetError, match="no source with an image key"):
         euxfel.open_run(make_cfg("--bridge_key=image.nothing"), data.dataset_dir(cfg))

@@ -10,6 +10,7 @@ import pytest
 from nn import metrics, predict
 from nn.outputs import plots
 from nn.config import AiryNetError
+from nn.recipe import PAPER
 from test_predict import CLASSES, cfg_for, predict_dataset, shots, tiny_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -24,7 +25,7 @@ def png_shape(path):
 @pytest.mark.parametrize("layout", ["stacked", "per_shot"])
 def test_gallery_from_both_layouts(tmp_path, layout):
     images, bids = shots(6)
-    predict.run(cfg_for(tmp_path, f"--h5_layout={layout}"), tiny_model(), predict_dataset(images, bids))
+    predict.run(cfg_for(tmp_path, f"--h5_layout={layout}"), PAPER, tiny_model(), predict_dataset(images, bids))
     h5 = str(tmp_path / "pred" / "helium.h5")
     names, selected = plots.read_shots(h5, count=3, start=2)
     assert names == ["0", "1", "2"] and [s["name"] for s in selected] == [str(b) for b in bids[2:5]]
@@ -43,7 +44,7 @@ def test_gallery_from_both_layouts(tmp_path, layout):
 
 def test_gallery_of_one_class_and_errors(tmp_path):
     images, bids = shots(8)
-    predict.run(cfg_for(tmp_path, "--gradcam=false"), tiny_model(), predict_dataset(images, bids))
+    predict.run(cfg_for(tmp_path, "--gradcam=false"), PAPER, tiny_model(), predict_dataset(images, bids))
     h5 = str(tmp_path / "pred" / "helium.h5")
     with h5py.File(h5, "r") as f:
         wanted = int(np.argmax(f["preds"][:].sum(axis=0)))

@@ -13,6 +13,7 @@ from nn import config, predict
 from nn.models import gradcam, networks
 from nn.outputs import writers
 from nn.config import AiryNetError
+from nn.recipe import PAPER
 
 SIZE = 16
 CLASSES = 3
@@ -41,7 +42,7 @@ def shots(n, size=SIZE, seed=0):
 
 
 def predict_dataset(images, bids, labels=None, shard=(0, 1), batch=4):
-    """Batches in the format of nn.inputs.data.dataset(cfg, "predict"); shard as the data pipeline does it."""
+    """Batches in the format of nn.inputs.data.dataset(cfg, recipe, "predict"); shard as the data pipeline does it."""
     records = {"image": images, "bunch_id": bids.astype(np.int64)}
     if labels is not None:
         records["label"] = labels.astype(np.float32)
@@ -65,7 +66,7 @@ def read_txt(path):
 def test_txt_and_stacked_h5(tmp_path):
     model, (images, bids) = tiny_model(), shots(10)
     cfg = cfg_for(tmp_path)
-    predict.run(cfg, model, predict_dataset(images, bids))
+    predict.run(cfg, PAPER, model, predict_dataset(images, bids))
     assert sorted(os.listdir(tmp_path / "pred")) == ["helium.h5", "helium.txt"]
     probs = tf.sigmoid(model(images)).numpy()
 
@@ -102,7 +103,7 @@ def test_txt_and_stacked_h5(tmp_path):
 def test_per_shot_h5_named_by_bunch_id(tmp_path):
     model, (images, bids) = tiny_model(), shots(6)
     bids[4] = bids[1]  # a repeated bunch ID must not overwrite the earlier shot
-    predict.run(cfg_for(tmp_path, "--h5_layout=per_shot"), model, predict_dataset(images, bids))
+    predict.run(cfg_for(tmp_path, "--h5_layout=per_shot"), PAPER, model, predict_dataset(images, bids))
     probs = tf.sigmoid(model(images)).numpy()
     expected = gradcam.resize_maps(
         gradcam.gradcam_plus_plus(model, images, "last_block_before_fc"), (SIZE, SIZE)).numpy()
@@ -128,7 +129,7 @@ def test_cxidb_per_shot_groups_are_the_originals(tmp_path):
     model, (images, _) = tiny_model(), shots(5)
     labels = np.eye(CLASSES)[[2, 0, 1, 1, 2]]
     bids = labels.argmax(axis=1)
-    predict.run(cfg_for(tmp_path, "--h5_layout=per_shot", "--gradcam=false", "--dataset=cxidb"), model,
+    predict.run(cfg_for(tmp_path, "--h5_layout=per_shot", "--gradcam=false", "--dataset=cxidb"), PAPER, model,
                 predict_dataset(images, bids, labels))
     probs = tf.sigmoid(model(images)).numpy()
     assert not np.array_equal(probs.argmax(axis=1), bids)  # pred and ground_truth must be told apart
@@ -151,14 +152,14 @@ def test_other_labelled_data_and_gradcam_off(tmp_path):
     original's ground_truth/pred are cxidb's alone)."""
     model, (images, bids) = tiny_model(), shots(5)
     labels = np.eye(CLASSES)[np.arange(5) % CLASSES]
-    predict.run(cfg_for(tmp_path, "--h5_layout=per_shot", "--gradcam=false"), model,
+    predict.run(cfg_for(tmp_path, "--h5_layout=per_shot", "--gradcam=false"), PAPER, model,
                 predict_dataset(images, bids, labels))
     with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
         assert list(f.keys()) == [str(b) for b in bids]
         for i, name in enumerate(f):
             assert sorted(f[name].keys()) == ["img", "label", "prediction", "probability"]
             np.testing.assert_array_equal(f[name]["label"][:], labels[i])
-    predict.run(cfg_for(tmp_path, "--gradcam=false", "--overwrite=true"), model,
+    predict.run(cfg_for(tmp_path, "--gradcam=false", "--overwrite=true"), PAPER, model,
                 predict_dataset(images, bids, labels))
     with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
         assert "grad_cam" not in f and "conv" not in f
@@ -169,7 +170,7 @@ def test_other_labelled_data_and_gradcam_off(tmp_path):
 @pytest.mark.parametrize("maps", ["true", "false"])
 def test_save_conv_stores_the_gradcam_layer_activations(tmp_path, layout, maps):
     model, (images, bids) = tiny_model(), shots(6)
-    predict.run(cfg_for(tmp_path, f"--h5_layout={layout}", f"--gradcam={maps}", "--save_conv=true"), model,
+    predict.run(cfg_for(tmp_path, f"--h5_layout={layout}", f"--gradcam={maps}", "--save_conv=true"), PAPER, model,
                 predict_dataset(images, bids))
     acts = gradcam.activation_model(model, "last_block_before_fc")(images)[0].numpy()
     assert acts.shape == (6, 8, 8, 4)
@@ -184,9 +185,9 @@ def test_save_conv_stores_the_gradcam_layer_activations(tmp_path, layout, maps):
 def test_shards_merge_into_the_unsharded_files(tmp_path, layout):
     model, (images, bids) = tiny_model(), shots(11)
     flags = [f"--h5_layout={layout}", "--save_npy=true"]
-    predict.run(cfg_for(tmp_path / "whole", *flags), model, predict_dataset(images, bids))
+    predict.run(cfg_for(tmp_path / "whole", *flags), PAPER, model, predict_dataset(images, bids))
     for i in range(3):
-        predict.run(cfg_for(tmp_path, *flags, "--num_shards=3", f"--shard_index={i}"), model,
+        predict.run(cfg_for(tmp_path, *flags, "--num_shards=3", f"--shard_index={i}"), PAPER, model,
                     predict_dataset(images, bids, shard=(i, 3)))
     assert "helium.shard2of3.h5" in os.listdir(tmp_path / "pred")
     written = predict.merge(str(tmp_path / "pred"), "helium", 3)
@@ -232,24 +233,24 @@ def test_refuses_to_replace_existing_files(tmp_path):
     os.makedirs(tmp_path / "pred")
     (tmp_path / "pred" / "helium.h5").write_text("earlier results")
     with pytest.raises(AiryNetError, match=r"helium\.h5: exists; pass --overwrite=true .* --predict_dir"):
-        predict.run(cfg_for(tmp_path), model, predict_dataset(images, bids))
+        predict.run(cfg_for(tmp_path), PAPER, model, predict_dataset(images, bids))
     assert (tmp_path / "pred" / "helium.h5").read_text() == "earlier results"
     assert os.listdir(tmp_path / "pred") == ["helium.h5"]
-    predict.run(cfg_for(tmp_path, "--overwrite=true"), model, predict_dataset(images, bids))
+    predict.run(cfg_for(tmp_path, "--overwrite=true"), PAPER, model, predict_dataset(images, bids))
     assert h5py.is_hdf5(tmp_path / "pred" / "helium.h5")
 
 
 def test_crash_mid_run_leaves_no_finished_looking_file(tmp_path):
     model, (images, bids) = tiny_model(), shots(20)
-    predict.run(cfg_for(tmp_path), model, predict_dataset(images[:4], bids[:4]))
+    predict.run(cfg_for(tmp_path), PAPER, model, predict_dataset(images[:4], bids[:4]))
     before = {name: (tmp_path / "pred" / name).read_bytes() for name in os.listdir(tmp_path / "pred")}
     # The third batch fails to read, as a corrupt record would.
     failing = predict_dataset(images, bids).enumerate().map(lambda i, b: _fail_at(i, b, 2))
     with pytest.raises(tf.errors.InvalidArgumentError, match="corrupt record"):
-        predict.run(cfg_for(tmp_path, "--overwrite=true", "--h5_layout=per_shot"), model, failing)
+        predict.run(cfg_for(tmp_path, "--overwrite=true", "--h5_layout=per_shot"), PAPER, model, failing)
     assert {name: (tmp_path / "pred" / name).read_bytes() for name in os.listdir(tmp_path / "pred")} == before
     with pytest.raises(tf.errors.InvalidArgumentError):
-        predict.run(cfg_for(tmp_path / "fresh"), model, predict_dataset(images, bids).enumerate().map(
+        predict.run(cfg_for(tmp_path / "fresh"), PAPER, model, predict_dataset(images, bids).enumerate().map(
             lambda i, b: _fail_at(i, b, 1)))
     assert os.listdir(tmp_path / "fresh" / "pred") == []
 
@@ -262,7 +263,7 @@ def _fail_at(index, batch, bad):
 
 def test_write_error_names_the_file_and_keeps_earlier_files(tmp_path, monkeypatch):
     model, (images, bids) = tiny_model(), shots(12)
-    predict.run(cfg_for(tmp_path), model, predict_dataset(images, bids))
+    predict.run(cfg_for(tmp_path), PAPER, model, predict_dataset(images, bids))
     before = (tmp_path / "pred" / "helium.h5").read_bytes()
     calls = []
 
@@ -275,7 +276,7 @@ def test_write_error_names_the_file_and_keeps_earlier_files(tmp_path, monkeypatc
     original = writers.StackedWriter.write
     monkeypatch.setattr(writers.StackedWriter, "write", full_disk)
     with pytest.raises(AiryNetError, match=r"helium\.h5\.partial: writing failed \(No space left on device\)"):
-        predict.run(cfg_for(tmp_path, "--overwrite=true"), model, predict_dataset(images, bids))
+        predict.run(cfg_for(tmp_path, "--overwrite=true"), PAPER, model, predict_dataset(images, bids))
     assert sorted(os.listdir(tmp_path / "pred")) == ["helium.h5", "helium.txt"]
     assert (tmp_path / "pred" / "helium.h5").read_bytes() == before
 
@@ -304,7 +305,7 @@ def test_memory_stays_flat_over_thousands_of_shots(tmp_path):
         "image": 40.0 * tf.random.stateless_gamma([size, size, 1], tf.stack([tf.constant(7, tf.int64), i]), 0.5),
         "bunch_id": i})
     probe = RssProbe(records.batch(batch))
-    predict.run(cfg_for(tmp_path, size=size), model, probe)
+    predict.run(cfg_for(tmp_path, size=size), PAPER, model, probe)
     with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
         assert f["images"].shape == (n, size, size, 1) and f["grad_cam"].shape == (n, CLASSES, 64, 64)
         per_shot = sum(f[k].dtype.itemsize * np.prod(f[k].shape[1:]) for k in ("images", "grad_cam", "probs"))
@@ -339,7 +340,7 @@ def test_resnet_through_the_data_pipeline(tfrecord_dir, tmp_path):
     cfg = make_cfg(f"--data_dir={tfrecord_dir}", f"--predict_dir={tmp_path}", "--target_height=64",
                    "--target_width=64", "--use_nchw=true", "--save_conv=true")
     model = networks.build_model(cfg)
-    predict.run(cfg, model)
+    predict.run(cfg, PAPER, model)
     with h5py.File(tmp_path / "helium.h5", "r") as f:
         np.testing.assert_array_equal(f["bids"][:], 1000 + np.arange(8))
         assert f["grad_cam"].shape == (8, 11, 2, 2) and f["images"].shape == (8, 64, 64, 1)

@@ -1,5 +1,7 @@
 """--recipe: the paper's recipe unchanged, the modern one's averaged weights, area downsampling and
-augmentation, the calibration split, the decision thresholds and the calibration error."""
+augmentation, the calibration split, the decision thresholds and the calibration error, and the Recipe
+that the flags resolve to."""
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,7 +13,7 @@ import tensorflow as tf
 
 import airynet
 from conftest import make_cfg
-from nn import checkpoints, config, metrics
+from nn import checkpoints, config, metrics, recipe
 from nn.inputs import data, preprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,7 +31,7 @@ def restored(run_dir, *flags):
     cfg = config.parse_args([f"--load_dir={run_dir}", "--mode=eval"] + list(flags))
     config.merge_run_config(cfg, run_dir)
     cfg.use_nchw = False
-    return cfg, checkpoints.restore_model(cfg)[0]
+    return cfg, checkpoints.restore_model(cfg, recipe.resolve(cfg))[0]
 
 
 def cross_entropies(run_dir):
@@ -57,7 +59,7 @@ def test_paper_recipe_is_unchanged(tfrecord_dir, tmp_path):
     # Sums of squares near 1e-6 (weights the 3 steps barely moved) differ by float32 rounding, ~1e-11.
     np.testing.assert_allclose(squares, reference["sum_of_squares"], rtol=1e-5, atol=1e-9)
     assert not os.path.exists(os.path.join(run_dir, checkpoints.THRESHOLDS_FILE))
-    assert checkpoints.decision_thresholds(cfg) is None and cfg.calibration_fraction == 0
+    assert checkpoints.decision_thresholds(cfg) is None and recipe.resolve(cfg).calibration_share == 0
     names = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir)).get_variable_to_shape_map()
     assert not any(k.startswith("ema/") for k in names)
 
@@ -83,7 +85,7 @@ def test_expected_calibration_error_by_hand():
 def fingerprints(cfg, mode):
     """{sha1 of each preprocessed image} of one pass over `mode` (no augmentation outside training)."""
     found = []
-    for images, _ in data.dataset(cfg, mode, one_pass=True):
+    for images, _ in data.dataset(cfg, recipe.resolve(cfg), mode, one_pass=True):
         found += [hashlib.sha1(image.tobytes()).hexdigest() for image in images.numpy()]
     assert len(found) == len(set(found))
     return set(found)
@@ -104,10 +106,13 @@ def test_calibration_split_is_disjoint_from_training_and_eval(tfrecord_dir, cxi_
 
 def test_synthetic_calibration_shots_are_the_last_training_shots():
     cfg = make_cfg("--dataset=synthetic", "--dataset_size=100", "--recipe=modern")
-    assert cfg.calibration_fraction == 0.1
-    assert [data.synthetic_range(cfg, m) for m in ("train", "calibrate", "eval")] == [(0, 90), (90, 100), (100, 356)]
+    share = recipe.resolve(cfg).calibration_share
+    assert share == 0.1
+    assert [data.synthetic_range(cfg, m, share) for m in ("train", "calibrate", "eval")] == \
+        [(0, 90), (90, 100), (100, 356)]
     paper = make_cfg("--dataset=synthetic", "--dataset_size=100")
-    assert [data.synthetic_range(paper, m) for m in ("train", "eval")] == [(0, 100), (100, 356)]
+    share = recipe.resolve(paper).calibration_share
+    assert [data.synthetic_range(paper, m, share) for m in ("train", "eval")] == [(0, 100), (100, 356)]
 
 
 def test_area_downsampling_averages_blocks_only_under_modern():
@@ -115,11 +120,12 @@ def test_area_downsampling_averages_blocks_only_under_modern():
     crop = images[:, 4:36, 4:36]    # the 32 px centre crop of 40 px shots
     modern = make_cfg("--recipe=modern", "--target_width=8", "--target_height=8")
     blocks = crop.reshape(2, 8, 4, 8, 4, 1).mean(axis=(2, 4))
-    np.testing.assert_allclose(preprocess.preprocess(images, modern).numpy(), blocks, rtol=1e-5)
+    np.testing.assert_allclose(preprocess.preprocess(images, modern, recipe.resolve(modern)).numpy(), blocks, rtol=1e-5)
     paper = make_cfg("--target_width=8", "--target_height=8")
-    assert not np.allclose(preprocess.preprocess(images, paper).numpy(), blocks, rtol=1e-3)
+    assert not np.allclose(preprocess.preprocess(images, paper, recipe.resolve(paper)).numpy(), blocks, rtol=1e-3)
     # Down to half the crop or less, bilinear already uses every pixel: modern resizes as paper.
-    assert not preprocess.area_downsampling(make_cfg("--recipe=modern", "--target_width=16", "--target_height=16"))
+    half = make_cfg("--recipe=modern", "--target_width=16", "--target_height=16")
+    assert not preprocess.area_downsampling(half, recipe.resolve(half))
 
 
 def test_augmentation_rotates_about_the_centre_and_scales_intensity():
@@ -221,3 +227,45 @@ def test_exported_model_decides_by_the_run_thresholds(tfrecord_dir, tmp_path):
     out = loaded.signatures["serving_default"](images=tf.constant(images))
     probs = out["probabilities"].numpy()
     np.testing.assert_array_equal(out["classes"].numpy(), probs >= chosen.astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The Recipe: resolved once from the flags
+
+def test_recipes_resolve_from_the_flags():
+    assert recipe.resolve(make_cfg()) == recipe.PAPER == recipe.Recipe()
+    assert recipe.resolve(make_cfg("--recipe=modern")) == recipe.MODERN
+    # --recipe_without names pieces of modern: the paper's recipe has none to leave out.
+    assert recipe.resolve(make_cfg("--recipe_without=ema,area")) == recipe.PAPER
+    assert (recipe.PAPER.bn_momentum, recipe.MODERN.bn_momentum) == (0.997, recipe.BN_MOMENTUM)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.PAPER.augment = True
+
+
+def test_each_left_out_piece_takes_the_papers_value():
+    assert set(recipe.PIECES) == set(config.MODERN_PIECES)
+    for piece, field in recipe.PIECES.items():
+        resolved = recipe.resolve(make_cfg("--recipe=modern", f"--recipe_without={piece}"))
+        assert resolved == dataclasses.replace(recipe.MODERN, **{field: getattr(recipe.PAPER, field)})
+        assert getattr(recipe.MODERN, field) != getattr(recipe.PAPER, field)
+    everything = recipe.resolve(make_cfg("--recipe=modern", "--recipe_without=" + ",".join(config.MODERN_PIECES)))
+    assert everything == dataclasses.replace(recipe.PAPER, calibration_share=recipe.CALIBRATION_SHARE)
+
+
+def test_calibration_share_is_the_flags_else_the_recipes():
+    assert recipe.resolve(make_cfg()).calibration_share == 0.0
+    assert recipe.resolve(make_cfg("--recipe=modern")).calibration_share == 0.1
+    assert recipe.resolve(make_cfg("--recipe=modern", "--calibration_fraction=0")).calibration_share == 0.0
+    assert recipe.resolve(make_cfg("--calibration_fraction=0.25")).calibration_share == 0.25
+    with pytest.raises(config.AiryNetError, match="--calibration_fraction=0.6"):
+        make_cfg("--calibration_fraction=0.6")
+
+
+def test_a_load_dir_run_gets_the_recipe_of_its_saved_config(tmp_path, monkeypatch):
+    """airynet.py resolves the recipe after merging the run's config.json, once, and hands it to the mode."""
+    with open(tmp_path / config.CONFIG_FILE, "w") as f:
+        json.dump({"recipe": "modern", "recipe_without": "ema"}, f)
+    handed = []
+    monkeypatch.setattr(airynet, "dispatch", lambda cfg, run_recipe: handed.append(run_recipe) or 0)
+    assert airynet.main(["--mode=eval", f"--load_dir={tmp_path}", "--use_nchw=false"]) == 0
+    assert handed == [dataclasses.replace(recipe.MODERN, average_weights=False)]

@@ -10,6 +10,7 @@ import tensorflow as tf
 import airynet
 from conftest import make_cfg
 from nn import metrics, train
+from nn.recipe import PAPER
 
 TINY = ["--dataset=helium", "--target_width=32", "--target_height=32", "--ori_width=40", "--ori_height=40",
         "--batch_size=4", "--num_worker=2", "--log_step=1", "--dataset_size=16"]
@@ -17,7 +18,7 @@ TINY = ["--dataset=helium", "--target_width=32", "--target_height=32", "--ori_wi
 
 def test_learning_rate_schedule_boundaries():
     cfg = make_cfg("--batch_size=24", "--dataset_size=7264", "--lr=0.1")
-    schedule = train.learning_rate(cfg)
+    schedule = train.learning_rate(cfg, PAPER)
     base = 0.1 * 24 / 128
     epoch = 7264 / 24
     for boundary, before, after in zip((30, 60, 120, 150), (1, .1, .01, 1e-3), (.1, .01, 1e-3, 1e-4)):
@@ -25,7 +26,7 @@ def test_learning_rate_schedule_boundaries():
         assert float(schedule(step)) == pytest.approx(base * before)
         assert float(schedule(step + 1)) == pytest.approx(base * after)
     # Two replicas: the global batch doubles, so the rate doubles and an epoch has half the steps.
-    doubled = train.learning_rate(cfg, replicas=2)
+    doubled = train.learning_rate(cfg, PAPER, replicas=2)
     assert float(doubled(0)) == pytest.approx(2 * base)
     assert float(doubled(int(round(30 * epoch / 2)) + 1)) == pytest.approx(0.2 * base)
 

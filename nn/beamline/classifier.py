@@ -35,13 +35,13 @@ class Classifier:
     --batch_size, because oneDNN builds its kernels per input shape and keeps a bounded number, and a
     batch size it no longer holds kernels for runs slowly (docs/performance.md)."""
 
-    def __init__(self, cfg, model, detector, socket):
+    def __init__(self, cfg, recipe, model, detector, socket):
         """`socket`: the bridge's (REQ, SUB, PULL), which sets the time a batch may take (BATCH_SECONDS)."""
         self.detector, self.batch_size = detector, cfg.batch_size
         self.gradcam_every, self.shots = cfg.gradcam_every, 0  # shots classified so far, for --gradcam_every
         self.buffer = _aligned_zeros((cfg.batch_size, *detector.frame_shape))
         spec = tf.TensorSpec([None, *detector.frame_shape, 1], tf.float32)
-        self._prepare = tf.function(lambda raw: preprocess(raw, cfg, training=False), input_signature=[spec])
+        self._prepare = tf.function(lambda raw: preprocess(raw, cfg, recipe, training=False), input_signature=[spec])
         self.step = make_step(cfg, model, maps=None)
         self.maps_step = make_step(cfg, model, maps="layer") if cfg.gradcam_every else None
         self.shapes = [cfg.batch_size]

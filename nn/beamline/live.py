@@ -42,7 +42,7 @@ FILE_STEM = "live"
 # ----------------------------------------------------------------------------------------------
 # The run
 
-def run(cfg, model):
+def run(cfg, recipe, model):
     """Classify bridge trains until --live_trains, --live_seconds or a signal; returns 0."""
     names = config.class_names(cfg)
     receiver = Receiver(cfg.bridge, cfg.bridge_socket, capacity=cfg.batch_size, source=cfg.bridge_source,
@@ -58,7 +58,7 @@ def run(cfg, model):
             until = (lambda: stop.received or (cfg.live_seconds and time.monotonic() - start >= cfg.live_seconds))
             stats = Stats(names)
             if receiver.wait_for_detector(until):
-                classifier = _set_up(cfg, model, receiver)
+                classifier = _set_up(cfg, recipe, model, receiver)
                 stats = Stats(names)  # the clock starts with the first train
                 _loop(receiver, classifier, Results(publisher, files, stats, cfg.save_images), until,
                       cfg.live_trains)
@@ -73,10 +73,10 @@ def run(cfg, model):
     return 0
 
 
-def _set_up(cfg, model, receiver):
+def _set_up(cfg, recipe, model, receiver):
     """The classifier for the frames of the detector the first train named; then the receiver reads on."""
     euxfel.set_frame_size(cfg, receiver.detector)
-    classifier = Classifier(cfg, model, receiver.detector, cfg.bridge_socket)
+    classifier = Classifier(cfg, recipe, model, receiver.detector, cfg.bridge_socket)
     log.info("Batches of up to %d frames", classifier.batch_frames)
     receiver.resume(capacity=classifier.batch_frames)
     return classifier

@@ -67,11 +67,11 @@ def find_files(cfg, mode):
 # ----------------------------------------------------------------------------------------------
 # Synthetic
 
-def synthetic_range(cfg, mode):
-    """Shot indices of each split: train 0..dataset_size-1 less the calibration shots, which are the
-    last ones of that range; eval and predict the held-out shots after."""
+def synthetic_range(cfg, mode, calibration_share):
+    """Shot indices of each split: train 0..dataset_size-1 less the calibration shots (that share of
+    them), which are the last ones of that range; eval and predict the held-out shots after."""
     n_eval = max(256, cfg.dataset_size // 8)
-    n_calibration = int(round(cfg.dataset_size * cfg.calibration_fraction))
+    n_calibration = int(round(cfg.dataset_size * calibration_share))
     if mode == "train":
         return 0, cfg.dataset_size - n_calibration
     if mode == "calibrate":
@@ -79,8 +79,8 @@ def synthetic_range(cfg, mode):
     return cfg.dataset_size, cfg.dataset_size + n_eval
 
 
-def _synthetic_records(cfg, mode):
-    first, last = synthetic_range(cfg, mode)
+def _synthetic_records(cfg, mode, calibration_share):
+    first, last = synthetic_range(cfg, mode, calibration_share)
     chunk = 32
     starts = np.arange(first, last, chunk, dtype=np.int64)
 
@@ -101,18 +101,18 @@ def _synthetic_records(cfg, mode):
 
 
 # ----------------------------------------------------------------------------------------------
-# The calibration split of file data: every N-th training shot, N = round(1 / --calibration_fraction)
+# The calibration split of file data: every N-th training shot, N = round(1 / the Recipe's calibration_share)
 
-def calibration_every(cfg):
-    return max(2, int(round(1 / cfg.calibration_fraction))) if cfg.calibration_fraction > 0 else 0
+def calibration_every(calibration_share):
+    return max(2, int(round(1 / calibration_share))) if calibration_share > 0 else 0
 
 
-def _split_calibration(records, cfg, kind, split, mode):
+def _split_calibration(records, cfg, calibration_share, kind, split, mode):
     """Training records without the calibration shots (mode "train") or only them ("calibrate"). A
     shot's rank among the training shots decides: CXI shots carry their index over the files (less
     the --eval_every shots held out for eval when the files are unsplit), TFRecords are counted in the
     order in which training reads them, which is the same on every pass."""
-    every = calibration_every(cfg)
+    every = calibration_every(calibration_share)
     if not every or mode not in ("train", "calibrate"):
         return records
     if kind == "cxi":
@@ -124,14 +124,15 @@ def _split_calibration(records, cfg, kind, split, mode):
     return records.enumerate().filter(keep).map(lambda _, record: record)
 
 
-def class_frequencies(cfg):
+def class_frequencies(cfg, recipe):
     """Each class's share of positive training shots: the simulator's class shares for synthetic data,
-    else counted over the training labels (at most FREQUENCY_SHOTS of them, in file order)."""
+    else counted over the training labels (at most FREQUENCY_SHOTS of them, in file order; the training
+    shots are those the recipe leaves after its calibration split)."""
     kind, _, _ = find_files(cfg, "train")
     if kind == "synthetic":
         return np.asarray(simulate.CLASS_SHARES, np.float64)
     counts, shots = 0.0, 0
-    for _, labels in dataset(cfg, "train", one_pass=True).take(max(1, FREQUENCY_SHOTS // cfg.batch_size)):
+    for _, labels in dataset(cfg, recipe, "train", one_pass=True).take(max(1, FREQUENCY_SHOTS // cfg.batch_size)):
         counts += labels.numpy().sum(axis=0)
         shots += len(labels)
     return np.asarray(counts, np.float64) / max(shots, 1)
@@ -170,9 +171,10 @@ def shuffle_buffer(batch_size):
     return 5000 + 3 * batch_size
 
 
-def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
+def dataset(cfg, recipe, mode, *, shard=(0, 1), one_pass=None, input_context=None):
     """Batches of `mode` data ready for the network; see the module docstring for their structure.
 
+    recipe: the run's nn.recipe.Recipe: its calibration split, resize and augmentation.
     one_pass: read every record once in order (default for predict) instead of shuffled forever.
     shard: (index, count): keep records j with j % count == index (prediction on a cluster).
     input_context: a tf.distribute.InputContext; each input pipeline then reads its own share.
@@ -189,8 +191,8 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
     elif kind == "euxfel":
         records = euxfel.records(cfg, files[0])
     else:
-        records = _synthetic_records(cfg, mode)
-    records = _split_calibration(records, cfg, kind, split, mode)
+        records = _synthetic_records(cfg, mode, recipe.calibration_share)
+    records = _split_calibration(records, cfg, recipe.calibration_share, kind, split, mode)
     shard_index, shard_count = shard
     if input_context is not None:
         shard_count *= input_context.num_input_pipelines
@@ -210,7 +212,7 @@ def dataset(cfg, mode, *, shard=(0, 1), one_pass=None, input_context=None):
         else:
             images = batch["image"]
             extra = {k: batch[k] for k in ("bunch_id", "label", "pulse") if k in batch}  # pulse: EuXFEL runs
-        images = preprocess(images, cfg, training=training, seed=seed)
+        images = preprocess(images, cfg, recipe, training=training, seed=seed)
         if mode == "predict":
             return dict(extra, image=images)
         return images, extra["label"]

@@ -10,10 +10,9 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from nn import recipe
 from nn.config import crop_size
 
-MAX_SHIFT = 0.04            # --recipe=modern: centre shifts up to this share of the image side...
+MAX_SHIFT = 0.04            # Recipe.augment: centre shifts up to this share of the image side...
 INTENSITY_DECADES = 1.0     # ...and intensities scaled by a factor spread log-uniformly over a decade
 
 
@@ -78,13 +77,13 @@ def resize(images, height, width):
     return tf.reshape(x, [-1, height, width, 1])
 
 
-def preprocess(images, cfg, training=False, seed=None):
+def preprocess(images, cfg, recipe, training=False, seed=None):
     """Raw counts [N, ori_h, ori_w, ori_d] (any real dtype) -> network input [N, target_h, target_w,
-    target_d] float32."""
+    target_d] float32, resized and (in training) augmented as the run's nn.recipe.Recipe says."""
     crop_h, crop_w = crop_size(cfg.ori_height), crop_size(cfg.ori_width)
     top, left = (cfg.ori_height - crop_h) // 2, (cfg.ori_width - crop_w) // 2  # as resize_with_crop_or_pad
     images = images[:, top:top + crop_h, left:left + crop_w]
-    if area_downsampling(cfg):
+    if area_downsampling(cfg, recipe):
         images = tf.image.resize(images, (cfg.target_height, cfg.target_width), method="area")
     else:
         images = resize(images, cfg.target_height, cfg.target_width)
@@ -92,7 +91,7 @@ def preprocess(images, cfg, training=False, seed=None):
         images = images / 65535.0  # the uint16 range, as the original's image-dtype conversion did
     if training:
         images = random_flips(images, seed)
-        if recipe.uses(cfg, "augment"):
+        if recipe.augment:
             images = augment(images, tf.random.experimental.stateless_fold_in(seed, 1))
     if cfg.target_depth == 3 and cfg.ori_depth == 1:
         images = tf.image.grayscale_to_rgb(images)
@@ -102,14 +101,14 @@ def preprocess(images, cfg, training=False, seed=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# --recipe=modern
+# The modern recipe's pieces
 
-def area_downsampling(cfg):
-    """Whether the resize averages whole areas: under --recipe=modern, when the target is under half
+def area_downsampling(cfg, recipe):
+    """Whether the resize averages whole areas: where the recipe says so, when the target is under half
     the crop. A bilinear shrink by more than 2x reads only some of the pixels (2 of 4 per axis at 4x) and
     aliases the fine fringes of a pattern; at 2x or less it already uses every pixel."""
     crop_h, crop_w = crop_size(cfg.ori_height), crop_size(cfg.ori_width)
-    return recipe.uses(cfg, "area") and (crop_h > 2 * cfg.target_height or crop_w > 2 * cfg.target_width)
+    return recipe.area_downsampling and (crop_h > 2 * cfg.target_height or crop_w > 2 * cfg.target_width)
 
 
 def augment(images, seed):

@@ -4,15 +4,13 @@ The helpers reproduce the original's layer settings (ORIGINAL.md §3) with Keras
 is a plain functional keras.Model that saves, loads and exports without custom code beyond
 LogActivation.
 """
-import functools
 import math
+from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
 
-from nn import recipe
-
-BN_MOMENTUM = 0.997
+BN_MOMENTUM = 0.997  # the original's; --recipe=modern's is in nn/recipe.py
 BN_EPSILON = 1e-5
 # The output of the last block group, before pooling: Grad-CAM++'s target in both architectures (its
 # output is channels_first when --use_nchw).
@@ -79,31 +77,6 @@ def kernel_regularizer(cfg):
     return keras.regularizers.L1L2(l1=cfg.l1_regularization_scale, l2=cfg.l2_regularization_scale / 2)
 
 
-def conv(x, filters, kernel_size, strides, name, *, data_format, regularizer, dtype=None):
-    """Bias-free conv with the original's "fixed padding".
-
-    A strided conv pads (k-1)//2 before and the rest after, then runs VALID, so the padding depends
-    on the kernel only and not on the input size (SAME would shift it with the parity of the input);
-    a stride-1 conv uses SAME.
-    """
-    padding = "same"
-    if strides > 1:
-        padding = "valid"
-        before = (kernel_size - 1) // 2
-        after = kernel_size - 1 - before
-        if after:
-            x = keras.layers.ZeroPadding2D(((before, after), (before, after)), data_format=data_format,
-                                           name=f"{name}_pad", dtype=dtype)(x)
-    return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, data_format=data_format,
-                               use_bias=False, kernel_initializer=kernel_initializer(),
-                               kernel_regularizer=regularizer, name=name, dtype=dtype)(x)
-
-
-def conv_for(cfg):
-    """conv() with the data format and regularizer that the flags set, for the network builders."""
-    return functools.partial(conv, data_format=data_format(cfg), regularizer=kernel_regularizer(cfg))
-
-
 def activation(x, leakiness, name):
     """Leaky ReLU with the given slope; plain ReLU when the slope is not positive (as the original)."""
     if leakiness > 0:
@@ -138,17 +111,45 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return outputs
 
 
-def batch_norm_act(x, name, *, axis, leakiness, momentum=BN_MOMENTUM):
-    x = FusedBatchNormalization(axis=axis, momentum=momentum, epsilon=BN_EPSILON, center=True, scale=True,
-                                name=f"{name}_bn")(x)
-    return activation(x, leakiness, f"{name}_act")
+@dataclass(frozen=True)
+class Builder:
+    """What every conv and batch-norm layer of a network shares (the data format, one kernel regularizer,
+    the activation's slope, the batch-norm momentum), and the helpers that make those layers."""
+    data_format: str
+    regularizer: keras.regularizers.Regularizer
+    leakiness: float
+    bn_momentum: float = BN_MOMENTUM
 
+    @classmethod
+    def from_flags(cls, cfg, bn_momentum=BN_MOMENTUM):
+        return cls(data_format(cfg), kernel_regularizer(cfg), cfg.relu_leakiness, bn_momentum)
 
-def batch_norm_act_for(cfg):
-    """batch_norm_act() on the channel axis, with the leakiness and momentum that the flags set."""
-    momentum = recipe.BN_MOMENTUM if recipe.uses(cfg, "bn_momentum") else BN_MOMENTUM
-    return functools.partial(batch_norm_act, axis=1 if cfg.use_nchw else -1, leakiness=cfg.relu_leakiness,
-                             momentum=momentum)
+    def conv(self, x, filters, kernel_size, strides, name, dtype=None):
+        """Bias-free conv with the original's "fixed padding".
+
+        A strided conv pads (k-1)//2 before and the rest after, then runs VALID, so the padding depends
+        on the kernel only and not on the input size (SAME would shift it with the parity of the input);
+        a stride-1 conv uses SAME.
+        """
+        padding = "same"
+        if strides > 1:
+            padding = "valid"
+            before = (kernel_size - 1) // 2
+            after = kernel_size - 1 - before
+            if after:
+                x = keras.layers.ZeroPadding2D(((before, after), (before, after)), data_format=self.data_format,
+                                               name=f"{name}_pad", dtype=dtype)(x)
+        return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
+                                   data_format=self.data_format, use_bias=False,
+                                   kernel_initializer=kernel_initializer(), kernel_regularizer=self.regularizer,
+                                   name=name, dtype=dtype)(x)
+
+    def bn_act(self, x, name):
+        """Batch norm on the channel axis, then the activation."""
+        axis = 1 if self.data_format == "channels_first" else -1
+        x = FusedBatchNormalization(axis=axis, momentum=self.bn_momentum, epsilon=BN_EPSILON, center=True,
+                                    scale=True, name=f"{name}_bn")(x)
+        return activation(x, self.leakiness, f"{name}_act")
 
 
 def stem_dtype(cfg):

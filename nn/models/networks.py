@@ -4,16 +4,18 @@ import tensorflow as tf
 
 from nn.models import resnet, vgg
 from nn.config import AiryNetError
+from nn.models.layers import BN_MOMENTUM
 from nn.models.layers import GRADCAM_LAYER  # noqa: F401 (the name the rest of AiryNet looks it up by)
 
 
-def build_model(cfg):
+def build_model(cfg, bn_momentum=BN_MOMENTUM):
     """A keras.Model from NHWC float32 images [B, target_height, target_width, target_depth] to
-    float32 logits [B, num_classes] (layer `final_dense`)."""
+    float32 logits [B, num_classes] (layer `final_dense`). `bn_momentum`: of the ResNet's batch-norm
+    moving averages (the run's Recipe; the VGG has no batch norm)."""
     if cfg.airynet_type == "resnet":
         if cfg.resnet_size not in resnet.SIZES:
             raise AiryNetError(f"--resnet_size={cfg.resnet_size}: must be one of {sorted(resnet.SIZES)}")
-        return resnet.build(cfg)
+        return resnet.build(cfg, bn_momentum)
     if cfg.airynet_type == "vgg":
         if cfg.vgg_size not in vgg.SIZES:
             raise AiryNetError(f"--vgg_size={cfg.vgg_size}: must be one of {sorted(vgg.SIZES)}")

@@ -21,16 +21,16 @@ MIN_SIZE = 32  # five 2x2 VALID pools need at least 32 px to leave a 1x1 map
 def build(cfg):
     df = layers.data_format(cfg)
     stem = layers.stem_dtype(cfg)
-    conv = layers.conv_for(cfg)
+    net = layers.Builder.from_flags(cfg)  # no batch norm: only its convs
     inputs, x = layers.network_input(cfg, stem)
 
     for group, (n_convs, filters) in enumerate(zip(SIZES[cfg.vgg_size], GROUP_FILTERS), 1):
         for i in range(n_convs):
             if group == 1 and i == 0:
-                x = conv(x, filters, 3, 1, "initial_conv", dtype=stem)
+                x = net.conv(x, filters, 3, 1, "initial_conv", dtype=stem)
                 x = layers.log_activation(x, cfg)
             else:
-                x = conv(x, filters, 3, 1, f"conv{group}_{i + 1}")
+                x = net.conv(x, filters, 3, 1, f"conv{group}_{i + 1}")
             x = layers.activation(x, LEAKINESS, f"conv{group}_{i + 1}_act")
         if group == len(GROUP_FILTERS):
             # The Grad-CAM target: the last conv group's output, before its pool.
@@ -40,10 +40,10 @@ def build(cfg):
     # fc6 is a 7x7 stride-1 conv and so, through the original's conv helper, SAME-padded (slim's VALID
     # option was never used): at 224 px it maps the 7x7 pool5 output to 7x7, at 32 px it sees the 1x1
     # map through its centre tap. Either way the global average pool below makes the size irrelevant.
-    x = conv(x, FC_WIDTH, 7, 1, "fc6")
+    x = net.conv(x, FC_WIDTH, 7, 1, "fc6")
     x = layers.activation(x, LEAKINESS, "fc6_act")
     x = keras.layers.Dropout(DROPOUT_RATE, name="dropout6")(x)  # Keras drops only when training
-    x = conv(x, FC_WIDTH, 1, 1, "fc7")
+    x = net.conv(x, FC_WIDTH, 1, 1, "fc7")
     x = layers.activation(x, LEAKINESS, "fc7_act")
     x = keras.layers.GlobalAveragePooling2D(data_format=df, name="global_pool")(x)
     x = keras.layers.Dropout(DROPOUT_RATE, name="dropout7")(x)
