@@ -115,6 +115,21 @@ def test_synthetic_calibration_shots_are_the_last_training_shots():
     assert [data.synthetic_range(paper, m, share) for m in ("train", "eval")] == [(0, 100), (100, 356)]
 
 
+def test_synthetic_training_and_calibration_read_every_shot_once():
+    """What the pipeline reads, not only the ranges: under modern, training reads the first 90 of 100
+    shots and calibration the last 10, each once (the ranges were once split a second time, every 10th
+    shot, leaving training 81 shots and calibration 1)."""
+    from nn.inputs import simulate
+    cfg = make_cfg("--dataset=synthetic", "--dataset_size=100", "--recipe=modern", "--ori_width=32",
+                   "--ori_height=32", "--target_width=32", "--target_height=32", "--batch_size=8")
+    run_recipe = recipe.resolve(cfg)
+    read = {mode: np.concatenate([labels.numpy() for _, labels in data.dataset(cfg, run_recipe, mode, one_pass=True)])
+            for mode in ("train", "calibrate")}
+    _, labels = simulate.simulate(100, cfg.random_seed, 32)
+    np.testing.assert_array_equal(read["train"], labels[:90])
+    np.testing.assert_array_equal(read["calibrate"], labels[90:])
+
+
 def test_area_downsampling_averages_blocks_only_under_modern():
     images = np.random.default_rng(0).uniform(0, 100, (2, 40, 40, 1)).astype(np.float32)
     crop = images[:, 4:36, 4:36]    # the 32 px centre crop of 40 px shots

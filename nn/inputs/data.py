@@ -190,9 +190,10 @@ def dataset(cfg, recipe, mode, *, shard=(0, 1), one_pass=None, input_context=Non
         records = cxi.records(files, cfg, split, in_order)
     elif kind == "euxfel":
         records = euxfel.records(cfg, files[0])
-    else:
+    else:  # simulated shots are split by index range (synthetic_range), never a second time
         records = _synthetic_records(cfg, mode, recipe.calibration_share)
-    records = _split_calibration(records, cfg, recipe.calibration_share, kind, split, mode)
+    if kind != "synthetic":
+        records = _split_calibration(records, cfg, recipe.calibration_share, kind, split, mode)
     shard_index, shard_count = shard
     if input_context is not None:
         shard_count *= input_context.num_input_pipelines
