@@ -248,7 +248,7 @@ def test_raw_data_must_be_corrected_first(tmp_path):
     message = one_line_error(lambda: our_shots(agipd))
     assert "SPB_DET_AGIPD1M-1/DET/0CH0:xtdf" in message and "RAW" in message and "data and gain" in message
     assert "must be corrected first" in message and "CORR" in message
-    AGIPD1M(extra_data.RunDirectory(agipd)).write_virtual_cxi(str(tmp_path / "agipd.cxi"))
+    AGIPD1M(extra_data.RunDirectory(agipd), raw=True).write_virtual_cxi(str(tmp_path / "agipd.cxi"))
     message = one_line_error(lambda: cxi.open_cxi(str(tmp_path / "agipd.cxi"), make_cfg(), needs_labels=False))
     assert "agipd.cxi: RAW SPB_DET_AGIPD1M-1 data" in message and "must be corrected first" in message
     jungfrau = write_jungfrau_run(str(tmp_path / "jf"), trains=1, raw=True, modules=(1,))
