@@ -28,7 +28,7 @@ PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "pr
                   "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "save_images", "save_conv",
                   "h5_layout", "h5_compression", "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile",
                   "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish", "publish_socket",
-                  "gradcam_every", "live_trains", "live_seconds", "thresholds"}
+                  "gradcam_every", "live_trains", "live_seconds", "thresholds", "pulses"}
 
 
 class AiryNetError(Exception):
@@ -206,6 +206,10 @@ def build_parser():
     g.add_argument("--geometry", type=str, default="",
                    help="CrystFEL .geom file to assemble modular detectors (default: EXtra-geom's example "
                         "geometry of AGIPD1M, LPD1M, DSSC1M, JUNGFRAU or pnCCD).")
+    g.add_argument("--pulses", type=str, default="",
+                   help="Frames (pulses, memory cells) of each train to classify, by their index in the train: "
+                        "START:STOP[:STEP] or a comma list such as 0,2,4 (default: all). EuXFEL run directories "
+                        "and virtual CXI files.")
     g.add_argument("--publish", type=str, default="",
                    help="Endpoint to publish the results on in the Karabo bridge protocol, e.g. tcp://*:4600.")
     g.add_argument("--publish_socket", type=str, default="REP", choices=("REP", "PUB", "PUSH"),
@@ -286,6 +290,8 @@ def validate_live(cfg):
         raise AiryNetError("--bridge: --mode=live needs the Karabo bridge endpoint, e.g. --bridge=tcp://host:4545")
     if cfg.geometry and not os.path.isfile(cfg.geometry):
         raise AiryNetError(f"--geometry={cfg.geometry}: no such file")
+    from nn.inputs.detectors import parse_pulses  # imported here: nn.inputs.detectors imports this module
+    parse_pulses(cfg.pulses)
 
 
 def class_names(cfg):

@@ -1,13 +1,16 @@
-"""CXI/HDF5 files: the community's format, read directly, in either of its two layouts.
+"""CXI/HDF5 files: the community's format, read directly, in any of its three layouts.
 
-  * stacked (Condor, EXtra-data): `entry_1/data_1/data` N x H x W, with optional mask, labels and IDs
-    beside it -> StackedCxi;
+  * stacked (Condor): `entry_1/data_1/data` N x H x W, with optional mask, labels and IDs beside it ->
+    StackedCxi;
   * one group per shot (CXIDB entry 94): `/entry_N/instrument_1/detector_1/data`, `/entry_N/note_1/data`
-    (labels), `/entry_N/experimental_identifier` -> PerShotCxi.
+    (labels), `/entry_N/experimental_identifier` -> PerShotCxi;
+  * a European XFEL modular detector's virtual CXI file (`extra-data-make-virtual-cxi RUN -o FILE`):
+    `entry_1/instrument_1/detector_1/data` N x modules x ss x fs with `entry_1/trainId` and `pulseId`
+    -> ModularCxi, whose frames are assembled as those of the run directory (nn/inputs/euxfel.py).
 
-Both readers offer the same small interface: `count`, `has_labels`, `read(start, stop)` -> (images
-float32 [n, H, W], labels float32 [n, C] or [n, 0], ids int64 [n]), `close()`, and use as a context
-manager. `records` streams the shots of several files into tf.data.
+The readers offer the same small interface: `count`, `has_labels`, `read(start, stop)` -> (images
+float32 [n, H, W], labels float32 [n, C] or [n, 0], ids int64 [n]), `has_pulses` and `read_pulses(start,
+stop)`, `close()`, and use as a context manager. `records` streams the shots of several files into tf.data.
 
 Files are opened once per process (`open_cxi` keeps them) and closed by `close_all`, which airynet.py
 calls when a run ends: a training run reads the same file for its train and eval splits.
@@ -21,6 +24,7 @@ import tensorflow as tf
 
 from nn.config import AiryNetError
 from nn.files import atomic_path
+from nn.inputs import detectors, euxfel
 
 log = logging.getLogger("airynet")
 
@@ -36,12 +40,15 @@ def open_cxi(path, cfg, needs_labels):
     depth, labels where `needs_labels`). Raises an AiryNetError naming the file."""
     try:
         stat = os.stat(path)
-        key = (os.path.realpath(path), stat.st_ino, stat.st_mtime_ns, cfg.cxi_labels)
+        key = (os.path.realpath(path), stat.st_ino, stat.st_mtime_ns, cfg.cxi_labels, cfg.pulses, cfg.geometry)
         reader = _open_files.get(key)
         if reader is None:
             h5 = h5py.File(path, "r")
-            stacked = next((p for p in StackedCxi.IMAGE_PATHS if p in h5 and h5[p].ndim == 3), None)
-            reader = StackedCxi(path, h5, stacked, cfg.cxi_labels) if stacked else PerShotCxi(path, h5)
+            try:
+                reader = _reader(path, h5, cfg)
+            except BaseException:
+                h5.close()
+                raise
             _open_files[key] = reader
     except AiryNetError:
         raise
@@ -51,6 +58,13 @@ def open_cxi(path, cfg, needs_labels):
         raise AiryNetError(f"{path}: damaged or unreadable CXI/HDF5 file ({type(e).__name__}: {e})") from e
     reader.check(cfg, needs_labels)
     return reader
+
+
+def _reader(path, h5, cfg):
+    if ModularCxi.recognises(h5):
+        return ModularCxi(path, h5, detectors.parse_pulses(cfg.pulses), cfg.geometry)
+    stacked = next((p for p in StackedCxi.IMAGE_PATHS if p in h5 and h5[p].ndim == 3), None)
+    return StackedCxi(path, h5, stacked, cfg.cxi_labels) if stacked else PerShotCxi(path, h5)
 
 
 def close_all():
@@ -72,8 +86,9 @@ def _is_real_number(dtype):
 
 
 class _Reader:
-    """What both layouts share: the checks against the flags, error naming, NaN clean-up, closing."""
+    """What the layouts share: the checks against the flags, error naming, NaN clean-up, closing."""
     label_hint = ""
+    has_pulses = False  # whether shots are (train ID, pulse ID) pairs: read_pulses gives the pulse IDs
 
     def __init__(self, path, h5):
         self.path, self.h5 = path, h5
@@ -269,6 +284,69 @@ class PerShotCxi(_Reader):
             out.reshape(-1)[:] = values
 
 
+class ModularCxi(_Reader):
+    """EXtra-data's virtual CXI file of a modular detector: frames x modules x ss x fs, the detector named
+    in detector_1's "name" attribute, entry_1/trainId and (AGIPD, LPD, DSSC) entry_1/pulseId per frame.
+    Frames are assembled as those of the run directory: modules without data (NaN, EXtra-data's fill value)
+    and masked pixels are 0, no mask is applied; the ID is the train ID, the pulse the pulse ID (JUNGFRAU:
+    the frame's index in its train, as in the run). --pulses picks frames by their index in their train."""
+
+    DATA, TRAIN_IDS, PULSE_IDS = "entry_1/instrument_1/detector_1/data", "entry_1/trainId", "entry_1/pulseId"
+    has_pulses = True
+
+    @classmethod
+    def recognises(cls, h5):
+        return cls.DATA in h5 and cls.TRAIN_IDS in h5 and h5[cls.DATA].ndim >= 4
+
+    def __init__(self, path, h5, pulses, geometry_file=""):
+        super().__init__(path, h5)
+        self.images = h5[self.DATA]
+        name = self.images.parent.attrs.get("name", "")
+        _refuse_raw(path, name, self.images)
+        train_ids = h5[self.TRAIN_IDS][:].astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, train_ids[1:] != train_ids[:-1]])  # each train's first frame
+        in_train = np.arange(len(train_ids)) - np.repeat(starts, np.diff(np.r_[starts, len(train_ids)]))
+        self.frames = np.flatnonzero(pulses.chosen(in_train))
+        self.train_ids = train_ids[self.frames]
+        self.pulse_ids = (h5[self.PULSE_IDS][:].astype(np.int64) if self.PULSE_IDS in h5 else in_train)[self.frames]
+        self.count = len(self.frames)
+        try:
+            self.detector = detectors.Detector(name or self.DATA, "data", self.images[:1], geometry_file)
+        except AiryNetError as e:
+            raise AiryNetError(f"{path}: {e}") from e
+        self.image_shape, self.image_dtype = self.detector.frame_shape, np.dtype(np.float32)
+
+    def check(self, cfg, needs_labels):
+        euxfel.set_frame_size(cfg, self.detector)
+        super().check(cfg, needs_labels)
+
+    def _read(self, start, stop):
+        chosen = self.frames[start:stop]
+        if len(chosen) and chosen[-1] - chosen[0] == len(chosen) - 1:  # consecutive frames: one slab
+            stack = self.images[chosen[0]:chosen[-1] + 1]
+        else:
+            stack = self.images[chosen]
+        # Assembly sets NaN to 0 already: there is nothing left for read() to clean.
+        return self.detector.frames(stack), None, self.train_ids[start:stop], False
+
+    def read_pulses(self, start, stop):
+        return self.pulse_ids[start:stop]
+
+
+def _refuse_raw(path, name, images):
+    """The corrected data EXtra-data writes is floating point, without RAW AGIPD's data/gain axis (or the
+    single axis of raw LPD and DSSC frames)."""
+    if images.ndim == 5:
+        axis = "data and gain interleaved" if images.shape[2] == 2 else "the extra axis of raw frames"
+        why = f"shape {images.shape}: {axis}"
+    elif np.issubdtype(images.dtype, np.integer):
+        why = f"{images.dtype} ADC values"
+    else:
+        return
+    raise AiryNetError(f"{path}: RAW {name} data ({why}); the run must be corrected first: make the virtual CXI "
+                       f"file of its CORR run (the proposal's proc/ folder)")
+
+
 def records(readers, cfg, split, one_pass):
     """Shots of CXI files, read in slabs by a background thread, as dicts: image, bunch_id, index
     (over all files) and, where every file has them, label."""
@@ -280,23 +358,28 @@ def records(readers, cfg, split, one_pass):
         offset += r.count
     has_labels = all(r.has_labels for r in readers)
     num_labels = cfg.num_classes if has_labels else 0
+    has_pulses = all(r.has_pulses for r in readers)
 
     def read_slab(slab):
         file_index, start, stop, first = (int(v) for v in slab)
+        reader = readers[file_index]
         try:
-            images, labels, ids = readers[file_index].read(start, stop)
+            images, labels, ids = reader.read(start, stop)
         except OSError as e:  # kept for the user: TensorFlow only passes on its own text of it
             _failures.append(AiryNetError(str(e)))
             raise
-        return images, labels[:, :num_labels], ids, np.arange(first, first + stop - start, dtype=np.int64)
+        pulses = reader.read_pulses(start, stop) if has_pulses else np.zeros(0, np.int64)
+        return images, labels[:, :num_labels], ids, np.arange(first, first + stop - start, dtype=np.int64), pulses
 
     def read(slab):
-        images, labels, ids, index = tf.numpy_function(read_slab, [slab], [tf.float32, tf.float32, tf.int64,
-                                                                           tf.int64])
+        images, labels, ids, index, pulses = tf.numpy_function(
+            read_slab, [slab], [tf.float32, tf.float32, tf.int64, tf.int64, tf.int64])
         shots = {"image": tf.reshape(images, [-1, cfg.ori_height, cfg.ori_width, cfg.ori_depth]),
                  "bunch_id": tf.reshape(ids, [-1]), "index": tf.reshape(index, [-1])}
         if has_labels:
             shots["label"] = tf.reshape(labels, [-1, num_labels])
+        if has_pulses:
+            shots["pulse"] = tf.reshape(pulses, [-1])
         return shots
 
     ds = tf.data.Dataset.from_tensor_slices(np.array(slabs, np.int64).reshape(-1, 4))

@@ -1,7 +1,8 @@
 """European XFEL detectors: which source and key hold the images, and how a train's array becomes shots.
 
-Shared by the live classifier (nn/beamline/live.py, Karabo bridge messages) and the run-directory reader
-(nn/inputs/euxfel.py, EXtra-data trains): both hand over the same {source: {key: value}} dicts.
+Shared by the live classifier (nn/beamline/live.py, Karabo bridge messages), the run-directory reader
+(nn/inputs/euxfel.py, EXtra-data trains) and the virtual CXI reader (nn/inputs/cxi.py): the first two hand
+over the same {source: {key: value}} dicts.
 
 A train's array becomes float32 frames [N, H, W]; how depends on its Layout, the first of LAYOUTS whose
 shape test it passes:
@@ -12,6 +13,12 @@ shape test it passes:
     the file order (pulses, modules, ss, fs); one module stack without pulses is one shot;
   * any other 3D array of an unknown detector is a stack (pulses, H, W).
 Gaps between modules (NaN after assembly) become 0, as for photon counts no signal was measured there.
+
+Facility runs keep a modular detector's modules in one source each (`SPB_DET_AGIPD1M-1/CORR/{m}CH0:output`
+holding (pulses, 512, 128); JUNGFRAU `.../DET/JNGFR{m}:daqOutput` holding (memory cells, 512, 1024)). Such a
+source alone is never taken as shots (its pulses would pass for modules): ModuleSources gathers a train's
+modules by module number into the file layout (pulses, modules, ss, fs), which a Detector then assembles.
+Memory cells are pulses. `--pulses` (parse_pulses) picks a train's frames by their index in the train.
 """
 import re
 from dataclasses import dataclass
@@ -140,6 +147,146 @@ def pick_source(data, source="", key=""):
     return None
 
 
+# ----------------------------------------------------------------------------------------------
+# Pulse selection (--pulses)
+
+@dataclass(frozen=True)
+class Pulses:
+    """Which frames (pulses, memory cells) of each train to classify, by their index in the train as
+    EXtra-data's `by_index` counts them: a slice, or a list of indices. Indices past a train's last
+    frame select nothing in it. The default is every frame."""
+    start: int = 0
+    stop: int = None   # None: to the end of the train
+    step: int = 1
+    indices: tuple = None   # a list given instead of a slice
+
+    def chosen(self, index):
+        """Whether each frame of index `index` (an array of indices in their trains) is selected."""
+        index = np.asarray(index)
+        if self.indices is not None:
+            return np.isin(index, self.indices)
+        stop = np.inf if self.stop is None else self.stop
+        return (index >= self.start) & (index < stop) & ((index - self.start) % self.step == 0)
+
+    def pick(self, count):
+        """The indices, in order, of the selected frames of a train of `count` frames."""
+        return np.flatnonzero(self.chosen(np.arange(count)))
+
+    def __str__(self):
+        if self.indices is not None:
+            return "pulses " + ",".join(map(str, self.indices))
+        if self == Pulses():
+            return "all pulses"
+        return f"pulses {self.start}:{'' if self.stop is None else self.stop}:{self.step}"
+
+
+def parse_pulses(text):
+    """Pulses from the text of --pulses: '' (every frame), START:STOP[:STEP] (either end may be left
+    out) or a comma list of indices such as 0,2,5."""
+    text = text.strip()
+    flag = f"--pulses={text}"
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) > 3:
+                raise ValueError
+            start, stop, step = (int(part) if part.strip() else None for part in parts + [""] * (3 - len(parts)))
+            pulses = Pulses(start or 0, stop, 1 if step is None else step)
+        else:
+            pulses = Pulses(indices=tuple(sorted({int(part) for part in text.split(",")}))) if text else Pulses()
+    except ValueError:
+        raise AiryNetError(f"{flag}: expected START:STOP[:STEP] or a comma list of pulse indices, "
+                           f"e.g. 0:64:2 or 0,5,9") from None
+    numbers = pulses.indices or (pulses.start, pulses.stop or 0)
+    if min(numbers) < 0:
+        raise AiryNetError(f"{flag}: pulse indices count from 0 in each train; negative ones are not supported")
+    if pulses.step < 1:
+        raise AiryNetError(f"{flag}: the step must be at least 1")
+    if pulses.stop is not None and pulses.stop <= pulses.start:
+        raise AiryNetError(f"{flag}: selects no pulse (STOP must be greater than START)")
+    return pulses
+
+
+# ----------------------------------------------------------------------------------------------
+# Detectors whose modules come as one source each
+
+# A module's source, as the facility names them (EXtra-data's components read the same names): AGIPD, LPD
+# and DSSC `NAME/CORR/{m}CH0:output` (corrected) or `NAME/DET/{m}CH0:xtdf` (raw, and corrected data before
+# 2026), JUNGFRAU `NAME/DET/JNGFR{m}:daqOutput` (or MODULE_{m}, RECEIVER-{m}).
+MODULE_SOURCE = re.compile(r"(?P<detector>[^/]+)/(?:DET|CORR)/(?:\d+CH\d+|MODULE_\d+|RECEIVER-\d+|JNGFR\d+)(?::|$)")
+
+
+@dataclass(frozen=True)
+class ModuleSources:
+    """One modular detector whose modules come as one source each, as one EXtra-data train and one Karabo
+    bridge message hold them: {source: {key: array}}. `stack` gathers a train's modules by module number.
+
+    AGIPD, LPD and DSSC store a train's frames along the first axis, (pulses, ss, fs); their RAW data has
+    one more axis, data and gain (AGIPD) or a single one (LPD, DSSC), before ss. JUNGFRAU stores its memory
+    cells in one entry per train, (cells, ss, fs); each cell is a pulse."""
+    detector: str       # e.g. SPB_DET_AGIPD1M-1
+    kind: str           # the EXtra-data component: AGIPD1M, LPD1M, DSSC1M or JUNGFRAU
+    key: str            # image.data (AGIPD, LPD, DSSC) or data.adc (JUNGFRAU)
+    positions: tuple    # (source, index in the detector's module stack) of each module found
+    n_modules: int      # the detector's; a module without data stays NaN, as EXtra-data fills it
+    module_shape: tuple  # (ss, fs)
+    pulses: Pulses = Pulses()
+
+    def stack(self, train):
+        """(frames [pulses, modules, ss, fs] float32, NaN where a module sent nothing; pulse IDs [pulses])
+        of the pulses chosen by self.pulses. Raises an AiryNetError naming the source of a wrong array."""
+        found = [(source, index, self._frames(source, train[source][self.key]))
+                 for source, index in self.positions if self.key in train.get(source, {})]
+        if not found:
+            raise AiryNetError(f"{self.detector}: none of its {len(self.positions)} module sources holds {self.key}")
+        counts = sorted({len(frames) for _, _, frames in found})
+        if len(counts) > 1:
+            raise AiryNetError(f"{self.detector} {self.key}: its modules hold different numbers of frames {counts}")
+        picked = self.pulses.pick(counts[0])
+        stacked = np.full((len(picked), self.n_modules, *self.module_shape), np.nan, np.float32)
+        for _, index, frames in found:
+            stacked[:, index] = frames[picked]
+        return stacked, pulse_ids(train[found[0][0]], counts[0])[picked]
+
+    def _frames(self, source, array):
+        """A module's array of one train as frames (n, ss, fs); RAW data raises."""
+        array = np.asarray(array)
+        if not _is_real(array.dtype):
+            raise AiryNetError(f"{source} {self.key}: dtype {array.dtype} is not a real number")
+        raw = self._raw(source, array)
+        if raw:
+            raise AiryNetError(f"{source} {self.key}: RAW data ({raw}); the run must be corrected first: "
+                               f"classify its CORR files (the proposal's proc/ folder)")
+        if array.shape[-2:] == self.module_shape and (array.ndim == 3 or self.kind == "JUNGFRAU"):
+            return array.reshape(-1, *self.module_shape)
+        if array.shape == self.module_shape:  # a train of one frame, as a bridge may send it
+            return array[None]
+        raise AiryNetError(f"{source} {self.key}: shape {array.shape}, expected frames of {self.kind} modules "
+                           f"(pulses, {self.module_shape[0]}, {self.module_shape[1]})")
+
+    def _raw(self, source, array):
+        """Why `array` is RAW data, as EXtra-data tells it, or ''."""
+        if self.kind != "JUNGFRAU" and array.ndim == 4 and array.shape[-2:] == self.module_shape:
+            return f"shape {array.shape}: " + ("data and gain interleaved" if array.shape[1] == 2 else
+                                              "the extra axis of raw frames")
+        if self.kind == "JUNGFRAU" and np.issubdtype(array.dtype, np.integer) and "/CORR/" not in source:
+            return f"{array.dtype} ADC values"
+        return ""
+
+    def describe(self):
+        return (f"{self.kind} {self.detector}, {len(self.positions)} of {self.n_modules} modules "
+                f"({self.key}), {self.pulses}")
+
+
+def pulse_ids(values, n):
+    """The pulse IDs of a train of `n` frames if its source sends them (one per frame), else 0..n-1."""
+    for k in PULSE_KEYS:
+        ids = values.get(k)
+        if isinstance(ids, np.ndarray) and ids.size == n:
+            return ids.astype(np.int64).reshape(n)
+    return np.arange(n, dtype=np.int64)
+
+
 class Detector:
     """Turns one source's image array into float32 frames [N, H, W] and pulse IDs [N].
 
@@ -147,6 +294,11 @@ class Detector:
     shape but for the pulse count."""
 
     def __init__(self, source, key, array, geometry_file=""):
+        module = MODULE_SOURCE.match(source)
+        if module:
+            raise AiryNetError(f"{source} is one module of {module['detector']}: alone, its pulses would be taken "
+                               f"for the detector's modules; a modular detector is read from all its module sources "
+                               f"together (EuXFEL run directories, virtual CXI files)")
         self.source, self.key = source, key
         array = np.asarray(array)
         if not _is_real(array.dtype):
@@ -158,10 +310,12 @@ class Detector:
         self.frame_shape = self.frames(array).shape[1:]  # (H, W): the run's ori_height, ori_width
 
     def describe(self):
+        return f"{self.source} {self.key}: {self.layout.name} layout {self.fixed_shape}, {self.describe_frames()}"
+
+    def describe_frames(self):
         how = (f"assembled with EXtra-geom {type(self.geometry).__name__}" if self.geometry is not None
                else "as stored")
-        return (f"{self.source} {self.key}: {self.layout.name} layout {self.fixed_shape}, frames "
-                f"{self.frame_shape[0]}x{self.frame_shape[1]} {how}")
+        return f"frames {self.frame_shape[0]}x{self.frame_shape[1]} {how}"
 
     def problem(self, array):
         """A short description of what is wrong with `array` (the kind logged once), or None."""
@@ -188,12 +342,7 @@ class Detector:
 
     def pulse_ids(self, values, array):
         """The pulse IDs of the train if the source sends them (one per frame), else 0..N-1."""
-        n = self.count(array)
-        for k in PULSE_KEYS:
-            ids = values.get(k)
-            if isinstance(ids, np.ndarray) and ids.size == n:
-                return ids.astype(np.int64).reshape(n)
-        return np.arange(n, dtype=np.int64)
+        return pulse_ids(values, self.count(array))
 
 
 def _is_real(dtype):
