@@ -113,7 +113,7 @@ def test_nan_guard_stops_before_saving(tfrecord_dir, tmp_path, capsys):
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, "*.index"))) == ["model.ckpt-2.index"]
 
 
-def test_eval_mode_writes_metrics(tfrecord_dir, tmp_path):
+def test_eval_mode_writes_metrics(tfrecord_dir, tmp_path, shots):
     run = ["--mode=train", f"--data_dir={tfrecord_dir}", f"--log_dir={tmp_path}", "--out_dir_name=e",
            "--steps_per_eval=2", "--eval_steps=1", "--train_steps=2"] + TINY
     assert airynet.main(run) == 0
@@ -126,9 +126,18 @@ def test_eval_mode_writes_metrics(tfrecord_dir, tmp_path):
                 "false_negatives", "mcc", "macro_f1", "micro_f1"):
         assert key in m
     assert [c["name"] for c in m["per_class"]][:2] == ["spherical_oblate", "round"]
-    assert sum(c["support"] for c in m["per_class"]) == m["true_positives"] + m["false_negatives"]
     scores = np.load(os.path.join(run_dir, "eval", "scores.npz"))
     assert scores["probabilities"].shape == (8, 11) and 0 <= scores["probabilities"].min() <= 1
+    # The counts, recomputed here from the stored probabilities (the original rule: above 0.5) and the
+    # labels the fixture wrote into the eval file, in file order.
+    truth = shots[1][16:] > 0.5
+    np.testing.assert_array_equal(scores["labels"], shots[1][16:])
+    called = scores["probabilities"] > 0.5
+    np.testing.assert_array_equal(scores["predictions"], called)
+    assert [c["support"] for c in m["per_class"]] == truth.sum(axis=0).tolist()
+    assert m["true_positives"] == int((called & truth).sum())
+    assert m["false_positives"] == int((called & ~truth).sum())
+    assert m["false_negatives"] == int((~called & truth).sum())
 
 
 def test_eval_without_checkpoint_is_an_error(tmp_path, capsys):
@@ -137,8 +146,16 @@ def test_eval_without_checkpoint_is_an_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dataset", ["shots", "stacked"])
-def test_training_on_cxi_files_writes_step_numbered_checkpoints(cxi_dir, tmp_path, dataset):
+def test_training_on_cxi_files_writes_step_numbered_checkpoints(cxi_dir, tmp_path, dataset, shots):
     """CXIDB-94 per-shot files split by mode, and one stacked file split by --eval_every."""
     assert airynet.main(["--mode=train", f"--data_dir={cxi_dir}", f"--dataset={dataset}", f"--log_dir={tmp_path}",
                          "--out_dir_name=c", "--train_steps=2", "--steps_per_eval=2", "--eval_steps=1"] + TINY[1:]) == 0
-    assert tf.train.latest_checkpoint(os.path.join(str(tmp_path), f"{dataset}_c")).endswith("model.ckpt-2")
+    run_dir = os.path.join(str(tmp_path), f"{dataset}_c")
+    assert tf.train.latest_checkpoint(run_dir).endswith("model.ckpt-2")
+    losses = scalars(run_dir, "cross_entropy")
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+    # The eval split of each layout, read back through the trained run: the per-shot eval file holds
+    # shots 16-23; the stacked file holds all 24, of which every 10th (shots 9 and 19) is held out.
+    assert airynet.main(["--mode=eval", f"--load_dir={run_dir}"]) == 0
+    held_out = [9, 19] if dataset == "stacked" else list(range(16, 24))
+    np.testing.assert_array_equal(np.load(os.path.join(run_dir, "eval", "scores.npz"))["labels"], shots[1][held_out])
