@@ -1,6 +1,9 @@
 """The parts of --mode=live alone, without a bridge or a network: the receiver's choice of trains to keep
-and its retries (nn/beamline/receiver.py), and the split of a classified batch into trains, files and
-statistics (nn/beamline/live.py). The whole mode runs against real bridge servers in test_live.py."""
+and its retries (nn/beamline/receiver.py), the split of a classified batch into trains, files and
+statistics, and the status lines (nn/beamline/live.py). The whole mode runs against real bridge servers in
+test_live.py."""
+import collections
+import logging
 import threading
 import time
 import types
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
+from nn.beamline import live
 from nn.beamline.live import Results, Stats
 from nn.beamline.receiver import Receiver, Train
 
@@ -106,3 +110,39 @@ def test_a_persistent_zmq_error_is_retried_with_growing_waits(monkeypatch, caplo
     assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0])
     assert len(reads) == 7 and receiver.error is None
     assert caplog.text.count("connecting anew") == 1
+
+
+def test_status_lines_cover_the_interval_since_the_last_and_one_comes_after_a_stall(monkeypatch, caplog):
+    """A clock of our own: the first batch stalls for 12 s, the next five take 1 s each, and every batch
+    drops a train. One line comes after the stall, the next 5 s later, each with that interval's figures."""
+    caplog.set_level(logging.INFO, logger="airynet")
+    now = [0.0]
+    monkeypatch.setattr(live, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    seconds = iter([12, 1, 1, 1, 1, 1])
+
+    class Source:
+        counts, skipped = collections.Counter(), collections.Counter()
+
+        def check(self):
+            pass
+
+        def discard(self, trains):
+            assert not trains
+
+        def take(self, timeout):
+            self.counts.update(trains=2, frames=2, dropped_trains=1, dropped_frames=1)
+            return [Train(int(self.counts["trains"]), None, np.zeros(1, np.int64), now[0])]
+
+    class Network:
+        def classify(self, trains):
+            now[0] += next(seconds)
+            result = {"probabilities": np.full((1, 2), 0.9, np.float32), "classes": np.ones((1, 2), np.uint8)}
+            return np.zeros((1, 4, 4, 1)), np.zeros(1, bool), result
+
+    results = Results(None, types.SimpleNamespace(write=lambda rows: None), Stats(["a", "b"]), save_images=False)
+    live._loop(Source(), Network(), results, until=lambda: False, train_limit=6)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("live")]
+    assert lines == ["live, last 12 s: in 0.2 frames/s, processed 0.1 frames/s, dropped 1 trains, missed 0 "
+                     "(train ID gaps), latency p50 12.00 s p99 12.00 s | a 100%, b 100%",
+                     "live, last 5 s: in 2.0 frames/s, processed 1.0 frames/s, dropped 5 trains, missed 0 "
+                     "(train ID gaps), latency p50 1.00 s p99 1.00 s | a 100%, b 100%"]

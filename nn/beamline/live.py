@@ -85,7 +85,6 @@ def _set_up(cfg, model, receiver):
 def _loop(receiver, classifier, results, until, train_limit):
     """Classify the waiting trains batch by batch until `until()` or `train_limit` trains (0: no limit)."""
     stats = results.stats
-    next_status = time.monotonic() + STATUS_SECONDS
     while not until() and not (train_limit and stats.trains >= train_limit):
         receiver.check()
         trains = receiver.take(timeout=0.2)
@@ -95,9 +94,8 @@ def _loop(receiver, classifier, results, until, train_limit):
             trains = trains[:keep]
         if trains:
             results.add(trains, *classifier.classify(trains))
-        if time.monotonic() >= next_status:
-            log.info(stats.status(receiver))
-            next_status += STATUS_SECONDS
+        if stats.status_due():
+            log.info(stats.status(receiver, results.publisher))
 
 
 class Results:
@@ -183,10 +181,14 @@ class Stats:
 
     def __init__(self, class_names):
         self.class_names = class_names
+        self.restart()
+
+    def restart(self):
         self.start = self.last = self.last_result = time.monotonic()
         self.trains = self.frames = 0
         self.latencies = collections.deque(maxlen=100_000)  # receive -> publish, seconds
-        self.window = {"frames": 0, "in": 0, "latencies": [], "classes": np.zeros(len(class_names))}
+        self.window = {"frames": 0, "latencies": [], "classes": np.zeros(len(self.class_names))}
+        self.marks = collections.Counter()  # the receiver's and publisher's counts when the interval began
 
     def add(self, n_frames, classes, latencies):
         self.last_result = time.monotonic()
@@ -197,22 +199,29 @@ class Stats:
         self.window["latencies"] += latencies
         self.window["classes"] += classes.sum(axis=0)
 
-    def status(self, receiver):
-        """The status line of the last interval (then a new interval starts)."""
+    def status_due(self):
+        """Whether STATUS_SECONDS have passed since the last status line (after a stall, one line comes,
+        not one for every interval missed)."""
+        return time.monotonic() - self.last >= STATUS_SECONDS
+
+    def status(self, receiver, publisher):
+        """The status line of the interval since the last one (then a new interval starts): every figure
+        is of that interval."""
         now = time.monotonic()
         seconds, w = max(now - self.last, 1e-9), self.window
-        frames_in = receiver.counts["frames"] - w["in"]
+        counts = _counts(receiver, publisher)
+        new = counts - self.marks  # Counter subtraction keeps the positive figures
         p50, p99 = _percentiles(w["latencies"])
         fractions = w["classes"] / max(w["frames"], 1)
         order = np.argsort(-fractions)
         classes = ", ".join(f"{self.class_names[i]} {fractions[i]:.0%}" for i in order if fractions[i] > 0) or "-"
-        line = (f"live: in {frames_in / seconds:.1f} frames/s, processed {w['frames'] / seconds:.1f} frames/s, "
-                f"dropped {receiver.counts['dropped_trains']} trains (missed {receiver.counts['unsent_trains']}: "
-                f"train ID gaps), latency p50 {p50:.2f} s p99 {p99:.2f} s | "
-                f"{classes}")
-        self.last = now
-        self.window = {"frames": 0, "in": receiver.counts["frames"], "latencies": [],
-                       "classes": np.zeros(len(self.class_names))}
+        unpublished = f", not published {new['unpublished']} results" if publisher else ""
+        line = (f"live, last {seconds:.0f} s: in {new['frames'] / seconds:.1f} frames/s, processed "
+                f"{w['frames'] / seconds:.1f} frames/s, dropped {new['dropped_trains']} trains, missed "
+                f"{new['unsent_trains']} (train ID gaps){unpublished}, latency p50 {p50:.2f} s p99 {p99:.2f} s"
+                f" | {classes}")
+        self.last, self.marks = now, counts
+        self.window = {"frames": 0, "latencies": [], "classes": np.zeros(len(self.class_names))}
         return line
 
     def summary(self, receiver, publisher):
@@ -226,6 +235,13 @@ class Stats:
                 f"({self.trains} trains), dropped {c['dropped_frames']} ({c['dropped_trains']} trains) in "
                 f"{self.last_result - self.start:.1f} s; missed {c['unsent_trains']} trains (train ID gaps); "
                 f"latency p50 {p50:.3f} s p99 {p99:.3f} s; skipped messages: {skipped}{unpublished}")
+
+
+def _counts(receiver, publisher):
+    c = receiver.counts
+    return collections.Counter(frames=c["frames"], dropped_trains=c["dropped_trains"],
+                               unsent_trains=c["unsent_trains"],
+                               unpublished=publisher.unpublished if publisher else 0)
 
 
 def _percentiles(values):
