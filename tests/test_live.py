@@ -139,7 +139,7 @@ def test_req_files_and_published_stream(run_dir, tmp_path, caplog):
     with h5py.File(tmp_path / "live.h5", "r") as f:
         np.testing.assert_array_equal(f["bids"][:], tids)
         np.testing.assert_array_equal(f["pulses"][:], 0)
-        assert f["probs"].shape == (12, 11) and f["images"].shape == (12, 32, 32, 1)
+        assert f["probs"].shape == (12, 11) and "images" not in f  # no images by default: see --save_images
         probs = dict(zip(f["bids"][:], f["probs"][:]))
         classes = dict(zip(f["bids"][:], f["preds"][:]))
     assert tids == sorted(tids) and len(set(tids)) == 12
@@ -275,14 +275,25 @@ def test_simulated_agipd_server_assembled(run_dir, tmp_path, caplog):
 
 
 def test_live_flags_are_checked():
+    from nn import config
     for flags, message in ((["--bridge=localhost:4545"], "--bridge=localhost:4545: not a ZeroMQ endpoint"),
                            ([], "--bridge: --mode=live needs"),
                            (["--bridge=tcp://127.0.0.1:1", "--live_trains=-1"], "--live_trains=-1"),
                            (["--bridge=tcp://127.0.0.1:1", "--geometry=/no/such.geom"], "--geometry=/no/such.geom"),
-                           (["--bridge=tcp://127.0.0.1:1", "--bridge_socket=DEALER"], "--bridge_socket")):
+                           (["--bridge=tcp://127.0.0.1:1", "--bridge_socket=DEALER"], "--bridge_socket"),
+                           (["--bridge=tcp://127.0.0.1:1", "--gradcam_every=2"],
+                            "--gradcam_every=2: the maps go only to the published stream")):
         with pytest.raises(Exception, match=re.escape(message)):
-            from nn import config
             config.parse_args(["--mode=live", "--load_dir=x", *flags])
+
+
+def test_live_stores_no_images_unless_asked():
+    """Images as fed cost 4 bytes a pixel a shot: gigabytes an hour at a beamline's rate."""
+    from nn import config
+    live_flags = ["--mode=live", "--load_dir=x", "--bridge=tcp://127.0.0.1:1"]
+    assert config.parse_args(live_flags).save_images is False
+    assert config.parse_args([*live_flags, "--save_images=true"]).save_images is True
+    assert config.parse_args(["--mode=predict", "--load_dir=x"]).save_images is True
 
 
 def test_frames_enter_tensorflow_in_place_where_aligned():
