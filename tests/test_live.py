@@ -3,7 +3,10 @@
 Shots come from nn/inputs/simulate.py, shaped like pnCCD frames (64x64 here, so that the tests are fast), from
 karabo_bridge.ServerInThread, from the simulated AGIPD server and from `karabo-bridge-serve-files`
 replaying a mock run directory. Every loop is bounded (--live_seconds, timeouts), every server stopped.
+Where a test needs an order of events (a client that comes late, a classifier slower than the source),
+the test makes it with events, not with waits.
 """
+import glob
 import os
 import re
 import signal
@@ -19,6 +22,8 @@ import pytest
 from karabo_bridge import Client, ServerInThread
 
 import airynet
+from nn.beamline import live as live_module
+from nn.beamline.publisher import Publisher
 from nn.inputs import simulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +125,12 @@ def summary(text):
     return tuple(int(v) for v in m.groups())
 
 
+def only(directory, pattern):
+    """The one file in `directory` matching `pattern`."""
+    (path,) = glob.glob(os.path.join(directory, pattern))
+    return path
+
+
 def read_txt(path):
     with open(path) as f:
         lines = f.read().splitlines()
@@ -127,9 +138,9 @@ def read_txt(path):
     return [int(line.split("\t")[0]) for line in lines[1:]]
 
 
-def test_req_files_and_published_stream(run_dir, tmp_path, caplog):
+def test_req_files_and_a_client_that_keeps_up_gets_every_result(run_dir, tmp_path, caplog):
     bridge, publish = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    with Feeder(bridge, "REP", simulated(), interval=0.02), Reader(publish) as reader:
+    with Feeder(bridge, "REP", simulated(), interval=0.05), Reader(publish) as reader:
         assert live(run_dir, tmp_path, f"--bridge={bridge}", f"--publish={publish}", "--live_trains=12",
                     "--gradcam_every=3") == 0
     received, processed, dropped = summary(caplog.text)
@@ -143,7 +154,9 @@ def test_req_files_and_published_stream(run_dir, tmp_path, caplog):
         probs = dict(zip(f["bids"][:], f["probs"][:]))
         classes = dict(zip(f["bids"][:], f["preds"][:]))
     assert tids == sorted(tids) and len(set(tids)) == 12
-    assert reader.messages, "nothing was published"
+    # A client that keeps up gets every result, in order, however the batches bunch them.
+    assert [data[OUT]["trainId"] for data, _ in reader.messages] == tids
+    assert "0 of 12 results not published" in caplog.text
     for data, meta in reader.messages:
         values = data[OUT]
         assert meta[OUT]["timestamp.tid"] == values["trainId"]
@@ -153,6 +166,99 @@ def test_req_files_and_published_stream(run_dir, tmp_path, caplog):
         np.testing.assert_array_equal(values["classes"], values["probabilities"] > 0.5)
     maps = [d[OUT]["gradcam"] for d, _ in reader.messages if "gradcam" in d[OUT]]
     assert maps and all(m.shape == (1, 11, 1, 1) and 0 <= m.min() and m.max() <= 1 for m in maps)
+
+
+class Subscriber(Reader):
+    """A SUB client of a PUB stream that a test has made sure is subscribed (ZeroMQ subscriptions take a
+    moment, and a PUB socket sends to nobody until then): `subscribed` is set when the first message
+    comes, probes (train ID PROBE) included, which `results` leaves out."""
+
+    PROBE = 0
+
+    def __init__(self, endpoint):
+        super().__init__(endpoint, "SUB")
+        self.subscribed = threading.Event()
+
+    def _run(self):
+        with Client(self.endpoint, sock="SUB", timeout=0.5) as client:
+            while not self.stopping.is_set():
+                try:
+                    self.messages.append(client.next())
+                    self.subscribed.set()
+                except TimeoutError:
+                    pass
+
+    def results(self):
+        return [tid for data, _ in self.messages if (tid := data[OUT]["trainId"]) != self.PROBE]
+
+
+def test_pub_subscriber_that_keeps_up_gets_every_result(run_dir, tmp_path, caplog, monkeypatch):
+    """Batches of 8 trains from a fast source, published on PUB to a subscriber that reads all the time."""
+    bridge, publish = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    publish_one = Publisher.publish
+
+    def probe_first(self, train_id, pulses, result):
+        # Before the first result: probes until the subscriber gets one, so that it is subscribed.
+        while not subscriber.subscribed.is_set():
+            publish_one(self, Subscriber.PROBE, pulses, result)
+            subscriber.subscribed.wait(0.1)
+        publish_one(self, train_id, pulses, result)
+
+    monkeypatch.setattr(Publisher, "publish", probe_first)
+    with Feeder(bridge, "REP", simulated()), Subscriber(publish) as subscriber:
+        assert live(run_dir, tmp_path, f"--bridge={bridge}", f"--publish={publish}", "--publish_socket=PUB",
+                    "--batch_size=8", "--live_trains=30") == 0
+    received, processed, dropped = summary(caplog.text)
+    assert processed == 30
+    assert subscriber.results() == read_txt(only(tmp_path, "*.txt"))
+
+
+def test_rep_late_client_gets_the_newest_results_and_the_rest_are_counted(run_dir, tmp_path, caplog, monkeypatch):
+    """Nobody asks for the first 12 results; then a client comes and reads on. Its first result is the
+    oldest of the backlog (two batches of --batch_size=4: the newest 8), and every result it did not get
+    is counted as not published."""
+    bridge, publish = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    backlog = 2 * 4  # results: live.py's BACKLOG_BATCHES batches of --batch_size
+    published, got, waiting = [], [], []  # waiting: the results that wait when the client comes
+    came, first_got, done = threading.Event(), threading.Event(), threading.Event()
+    publish_one, add = Publisher.publish, live_module.Results.add
+
+    def recording(self, train_id, pulses, result):
+        published.append(train_id)
+        publish_one(self, train_id, pulses, result)
+
+    def add_then_let_the_client_come(self, *batch):
+        add(self, *batch)
+        if len(published) >= 12 and not came.is_set():
+            waiting.extend(published[-backlog:])
+            came.set()  # the run goes on once the client has its first result
+            assert first_got.wait(30)
+
+    def client():
+        assert came.wait(60)
+        with Client(publish, sock="REQ", timeout=0.5) as c:
+            while True:
+                try:
+                    got.append(c.next()[0][OUT]["trainId"])
+                    first_got.set()
+                except TimeoutError:
+                    if done.is_set():
+                        return
+
+    monkeypatch.setattr(Publisher, "publish", recording)
+    monkeypatch.setattr(live_module.Results, "add", add_then_let_the_client_come)
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        with Feeder(bridge, "REP", simulated(), interval=0.02):
+            assert live(run_dir, tmp_path, f"--bridge={bridge}", f"--publish={publish}", "--live_trains=20") == 0
+    finally:
+        done.set()
+        thread.join(30)
+    assert got[0] == waiting[0]  # the oldest of the newest 8 when the client came
+    assert got == sorted(got) and set(got) <= set(published)
+    unpublished = int(re.search(r"(\d+) of 20 results not published", caplog.text).group(1))
+    assert len(published) == 20 and unpublished == 20 - len(got)
 
 
 def test_pull_skips_malformed_and_foreign_messages(run_dir, tmp_path, caplog):

@@ -7,7 +7,8 @@ Two threads and a writer:
      most one batch of frames; trains it drops and train IDs the source never sent are counted;
   2. the main thread (here) takes the waiting trains, assembles, preprocesses and classifies their frames
      (nn/beamline/classifier.py) and hands the results on:
-  * to a Karabo bridge stream at --publish, one message per train (nn/beamline/publisher.py);
+  * to a Karabo bridge stream at --publish, one message per train (nn/beamline/publisher.py), sent by a
+    thread of its own;
   * to `live.txt` and `live.h5` in --predict_dir, the txt and stacked layouts of --mode=predict (Bunch_ID =
     train ID; the h5 adds `pulses`), appended batch by batch by a writer thread. Until the run ends they
     are named `*.partial`; the h5 is written in SWMR mode and flushed within a second of each write, so
@@ -37,6 +38,8 @@ log = logging.getLogger("airynet")
 
 STATUS_SECONDS = 5.0
 FILE_STEM = "live"
+BACKLOG_BATCHES = 2  # results that may wait for a client of the stream, in batches (of --batch_size trains
+                     # at most): a client that keeps up takes one batch's trains while the next is classified
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,7 +54,8 @@ def run(cfg, model):
     publisher = None
     with StopSignal() as stop:
         try:
-            publisher = Publisher(cfg.publish, cfg.publish_socket, names) if cfg.publish else None
+            publisher = (Publisher(cfg.publish, cfg.publish_socket, names, BACKLOG_BATCHES * cfg.batch_size)
+                         if cfg.publish else None)
             receiver.start()
             log.info("Waiting for data from %s (%s)", cfg.bridge, cfg.bridge_socket)
             start = time.monotonic()
@@ -230,7 +234,8 @@ class Stats:
         c = receiver.counts
         p50, p99 = _percentiles(self.latencies)
         skipped = ", ".join(f"{n} with {kind}" for kind, n in receiver.skipped.items()) or "none"
-        unpublished = f", {publisher.unpublished} results not published (no client waiting)" if publisher else ""
+        unpublished = (f", {publisher.unpublished} of {self.trains} results not published (no client took "
+                       f"them in time)" if publisher else "")
         return (f"live: received {c['frames']} frames ({c['trains']} trains), processed {self.frames} "
                 f"({self.trains} trains), dropped {c['dropped_frames']} ({c['dropped_trains']} trains) in "
                 f"{self.last_result - self.start:.1f} s; missed {c['unsent_trains']} trains (train ID gaps); "
