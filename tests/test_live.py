@@ -19,12 +19,14 @@ import time
 import h5py
 import numpy as np
 import pytest
+import zmq
 from karabo_bridge import Client, ServerInThread
 
 import airynet
 from nn.beamline import live as live_module
 from nn.beamline.publisher import Publisher
 from nn.inputs import simulate
+from nn.outputs import h5out, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNCCD = "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output"
@@ -141,13 +143,14 @@ def read_txt(path):
 def test_req_files_and_a_client_that_keeps_up_gets_every_result(run_dir, tmp_path, caplog):
     bridge, publish = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     with Feeder(bridge, "REP", simulated(), interval=0.05), Reader(publish) as reader:
-        assert live(run_dir, tmp_path, f"--bridge={bridge}", f"--publish={publish}", "--live_trains=12",
-                    "--gradcam_every=3") == 0
+        assert live(run_dir, tmp_path, f"--bridge={bridge}", f"--publish={publish}", "--live_trains=12") == 0
     received, processed, dropped = summary(caplog.text)
     assert processed == 12 and received == processed + dropped
     assert f"Classifying {PNCCD} data.image" in caplog.text
-    tids = read_txt(tmp_path / "live.txt")
-    with h5py.File(tmp_path / "live.h5", "r") as f:
+    # The files are named after the run's first classified train.
+    tids = read_txt(only(tmp_path, "*.txt"))
+    assert sorted(os.listdir(tmp_path)) == [f"live_{tids[0]}.h5", f"live_{tids[0]}.txt"]
+    with h5py.File(tmp_path / f"live_{tids[0]}.h5", "r") as f:
         np.testing.assert_array_equal(f["bids"][:], tids)
         np.testing.assert_array_equal(f["pulses"][:], 0)
         assert f["probs"].shape == (12, 11) and "images" not in f  # no images by default: see --save_images
@@ -164,8 +167,7 @@ def test_req_files_and_a_client_that_keeps_up_gets_every_result(run_dir, tmp_pat
         np.testing.assert_allclose(values["probabilities"], probs[values["trainId"]][None], rtol=1e-6)
         np.testing.assert_array_equal(values["classes"], classes[values["trainId"]][None])
         np.testing.assert_array_equal(values["classes"], values["probabilities"] > 0.5)
-    maps = [d[OUT]["gradcam"] for d, _ in reader.messages if "gradcam" in d[OUT]]
-    assert maps and all(m.shape == (1, 11, 1, 1) and 0 <= m.min() and m.max() <= 1 for m in maps)
+        assert "gradcam" not in values
 
 
 class Subscriber(Reader):
@@ -281,7 +283,7 @@ def test_pull_skips_malformed_and_foreign_messages(run_dir, tmp_path, caplog):
     assert processed == 8 and received == processed + dropped
     for kind in ("no source", "shape (64, 65)", "dtype complex64", "no key data.image"):
         assert caplog.text.count(f"skipping messages with {kind}") == 1, kind
-    assert all(tid >= 2000 for tid in read_txt(tmp_path / "live.txt"))
+    assert all(tid >= 2000 for tid in read_txt(only(tmp_path, "*.txt")))
 
 
 def test_sub_slow_consumer_drops_whole_trains(run_dir, tmp_path, caplog):
@@ -293,15 +295,15 @@ def test_sub_slow_consumer_drops_whole_trains(run_dir, tmp_path, caplog):
         sent = feeder.sent
     received, processed, dropped = summary(caplog.text)
     assert processed == 10 and dropped > 0 and received == processed + dropped
-    tids = read_txt(tmp_path / "live.txt")
+    tids = read_txt(only(tmp_path, "*.txt"))
     assert tids == sorted(tids) and tids[-1] - tids[0] > 10  # trains were skipped, not queued
     assert 1000 + sent - tids[-1] < sent / 2  # the last classified train is a recent one
 
 
 def classified(tmp_path):
-    """Shots classified so far by the live run writing to tmp_path (lines of live.txt.partial)."""
-    path = tmp_path / "live.txt.partial"
-    return max(0, len(open(path).read().splitlines()) - 1) if os.path.exists(path) else 0
+    """Shots classified so far by the live run writing to tmp_path (lines of its partial txt)."""
+    paths = glob.glob(os.path.join(tmp_path, "*.txt.partial"))
+    return max(0, len(open(paths[0]).read().splitlines()) - 1) if paths else 0
 
 
 def test_reconnects_to_a_restarted_server(run_dir, tmp_path, caplog):
@@ -317,7 +319,7 @@ def test_reconnects_to_a_restarted_server(run_dir, tmp_path, caplog):
                 time.sleep(0.05)
         time.sleep(1.5)
         # A viewer reads the h5 while the run goes on, in HDF5's single-writer/multiple-reader mode.
-        with h5py.File(tmp_path / "live.h5.partial", "r", swmr=True) as f:
+        with h5py.File(only(tmp_path, "*.h5.partial"), "r", swmr=True) as f:
             seen_while_growing.extend(f["bids"][:])
         time.sleep(1.5)  # in all longer than the receive timeout: the client must reconnect
         with Feeder(bridge, "REP", lambda i: pnccd_train(images[1], 900 + i), interval=0.05):
@@ -331,7 +333,7 @@ def test_reconnects_to_a_restarted_server(run_dir, tmp_path, caplog):
         stop.set()
         thread.join()
     assert "reconnecting until the server is back" in caplog.text and "data again after" in caplog.text
-    tids = read_txt(tmp_path / "live.txt")
+    tids = read_txt(only(tmp_path, "*.txt"))
     assert len(tids) == 5 and tids[0] < 900 <= tids[-1]
     assert len(seen_while_growing) >= 2 and list(seen_while_growing) == tids[:len(seen_while_growing)]
 
@@ -356,8 +358,8 @@ def test_sigterm_closes_the_files_and_exits_0(run_dir, tmp_path):
     assert "Stopped by SIGTERM" in err
     received, processed, dropped = summary(err)
     assert received == processed + dropped and processed >= 1
-    assert len(read_txt(tmp_path / "live.txt")) == processed
-    with h5py.File(tmp_path / "live.h5", "r") as f:
+    assert len(read_txt(only(tmp_path, "*.txt"))) == processed
+    with h5py.File(only(tmp_path, "*.h5"), "r") as f:
         assert len(f["bids"]) == processed
     assert not any(p.endswith(".partial") for p in os.listdir(tmp_path))
 
@@ -369,13 +371,13 @@ def test_simulated_agipd_server_assembled(run_dir, tmp_path, caplog):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert live(run_dir, tmp_path, f"--bridge=tcp://127.0.0.1:{port}", "--bridge_socket=SUB",
-                    "--live_trains=1", "--save_images=false", "--batch_size=16") == 0
+                    "--live_trains=1", "--batch_size=16") == 0
     finally:
         server.kill()
         server.wait()
     assert "SPB_DET_AGIPD1M-1/CAL/APPEND_CORRECTED image.data: online layout (16, 128, 512)" in caplog.text
     assert "assembled with EXtra-geom AGIPD_1MGeometry" in caplog.text
-    with h5py.File(tmp_path / "live.h5", "r") as f:
+    with h5py.File(only(tmp_path, "*.h5"), "r") as f:
         np.testing.assert_array_equal(f["pulses"][:], np.arange(64))
         assert len(set(f["bids"][:])) == 1
 
@@ -444,8 +446,85 @@ def test_replay_of_a_run_gives_the_offline_probabilities(run_dir, tmp_path, capl
         server.wait()
     received, processed, dropped = summary(caplog.text)
     assert received == processed + dropped and processed >= 5
-    with h5py.File(tmp_path / "live" / "live.h5", "r") as f:
+    with h5py.File(only(tmp_path / "live", "*.h5"), "r") as f:
         live_probs = dict(zip(f["bids"][:], f["probs"][:]))
     assert len(live_probs) == processed
     for train_id, probs in live_probs.items():
         np.testing.assert_allclose(probs, offline[train_id], atol=1e-5)
+
+
+def test_each_run_gets_files_of_its_own(run_dir, tmp_path):
+    """Two runs into one --predict_dir: each names its files after its first classified train (the first
+    train received waits for the set-up and is dropped); --dataset names them as the user says."""
+    images, _ = simulate.simulate(2, seed=4, size=SIZE)
+    for first, flags in ((1000, []), (5000, []), (9000, ["--dataset=r0042"])):
+        bridge = f"tcp://127.0.0.1:{free_port()}"
+        with Feeder(bridge, "REP", lambda i, first=first: pnccd_train(images[i % 2], first + i)):
+            assert live(run_dir, tmp_path, f"--bridge={bridge}", "--live_trains=2", *flags) == 0
+    assert sorted(os.listdir(tmp_path)) == ["live_1001.h5", "live_1001.txt", "live_5001.h5", "live_5001.txt",
+                                            "r0042.h5", "r0042.txt"]
+    assert read_txt(tmp_path / "live_5001.txt") == [5001, 5002]
+    assert read_txt(tmp_path / "r0042.txt") == [9001, 9002]
+
+
+def test_failed_runs_leave_no_empty_files(run_dir, tmp_path, capsys):
+    nowhere = "--bridge=tcp://127.0.0.1:1"  # no server: the runs end before any data
+    publish = f"tcp://127.0.0.1:{free_port()}"
+    with zmq.Context() as context, context.socket(zmq.REP) as taken:
+        taken.bind(publish)
+        assert live(run_dir, tmp_path / "port_in_use", nowhere, f"--publish={publish}") == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"airynet: error: --publish={publish}: cannot bind (Address "
+                                                   f"already in use") and "Traceback" not in err
+    assert os.listdir(tmp_path / "port_in_use") == []
+    # Ended before any data came (by --live_seconds here, as by a signal): nothing classified, no files.
+    assert live(run_dir, tmp_path / "no_data", nowhere, "--live_seconds=0.5") == 0
+    assert os.listdir(tmp_path / "no_data") == []
+
+
+def test_the_publisher_is_closed_when_closing_the_files_fails(run_dir, tmp_path, monkeypatch):
+    publish = f"tcp://127.0.0.1:{free_port()}"
+
+    def failing_close(self):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(live_module.Files, "close", failing_close)
+    assert live(run_dir, tmp_path, "--bridge=tcp://127.0.0.1:1", f"--publish={publish}", "--live_seconds=0.5") == 1
+    with zmq.Context() as context, context.socket(zmq.REP) as again:
+        again.bind(publish)  # free: the publisher was closed all the same
+
+
+def test_a_failed_write_ends_the_files_at_the_last_whole_batch(run_dir, tmp_path, capsys, monkeypatch):
+    """The h5 write of the second batch fails once the third batch waits in the writer's queue: the run
+    stops with one line naming the file, and both files, under their final names, hold the first batch
+    and nothing after it."""
+    queued, batches = threading.Event(), []
+    put, write = h5out.WriterThread.put, writers.StackedWriter.write
+
+    def counting_put(self, item):
+        batches.append(list(item["bids"]))
+        put(self, item)
+        if len(batches) == 3:
+            queued.set()
+
+    def failing_write(self, batch):
+        if len(batches) > 1 and list(batch["bids"]) == batches[1]:
+            assert queued.wait(30)
+            raise OSError(28, "No space left on device")
+        write(self, batch)
+
+    monkeypatch.setattr(h5out.WriterThread, "put", counting_put)
+    monkeypatch.setattr(writers.StackedWriter, "write", failing_write)
+    bridge = f"tcp://127.0.0.1:{free_port()}"
+    with Feeder(bridge, "REP", simulated(), interval=0.02):
+        assert live(run_dir, tmp_path, f"--bridge={bridge}", "--live_trains=20") == 2
+    h5_path = tmp_path / f"live_{batches[0][0]}.h5"
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"airynet: error: {h5_path}: writing failed (No space left on device); the run stops, and its files "
+        f"keep the {len(batches[0])} shots written before") and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == [h5_path.name, f"live_{batches[0][0]}.txt"]
+    assert read_txt(tmp_path / f"live_{batches[0][0]}.txt") == batches[0]
+    with h5py.File(h5_path, "r") as f:
+        assert {len(f[name]) for name in ("bids", "pulses", "probs", "preds")} == {len(batches[0])}
+        assert list(f["bids"][:]) == batches[0]

@@ -9,15 +9,26 @@ Two threads and a writer:
      (nn/beamline/classifier.py) and hands the results on:
   * to a Karabo bridge stream at --publish, one message per train (nn/beamline/publisher.py), sent by a
     thread of its own;
-  * to `live.txt` and `live.h5` in --predict_dir, the txt and stacked layouts of --mode=predict (Bunch_ID =
-    train ID; the h5 adds `pulses`), appended batch by batch by a writer thread. Until the run ends they
-    are named `*.partial`; the h5 is written in SWMR mode and flushed within a second of each write, so
-    h5py.File(path, "r", swmr=True) reads it while it grows;
-  * to a status line every STATUS_SECONDS and a summary at the end.
+  * to two files in --predict_dir, the txt and stacked layouts of --mode=predict (Bunch_ID = train ID;
+    the h5 adds `pulses`; images only with --save_images=true), appended batch by batch by a writer
+    thread. They are named after the first train the run classifies, `live_<train ID>.txt` and
+    `live_<train ID>.h5`: train IDs count on for as long as the facility runs, so every run gets names of
+    its own, which also say where in the data it began (a replayed run repeats its train IDs: its
+    files are refused, as any existing file is, unless --overwrite=true). --dataset=NAME on the command
+    line names them NAME.txt and NAME.h5 instead, as it names --mode=predict's files. Until the run ends
+    they are named `*.partial`; the h5 is written in SWMR mode and flushed within a second of each write,
+    so h5py.File(path, "r", swmr=True) reads it while it grows;
+  * to a status line every STATUS_SECONDS, of the interval since the last one, and a summary of the run.
 Frames received = frames processed + frames dropped: trains still waiting when the run stops count as
 dropped. SIGINT and SIGTERM end the run cleanly (files closed, exit status 0).
+
+However the run ends, its files hold every shot it classified (a run that classified nothing leaves
+none), are closed and get their final names; after a failed write they end at the last batch written
+whole and the run stops with the error. The receiver, the files and the publisher are each closed even
+when closing another fails.
 """
 import collections
+import contextlib
 import logging
 import os
 import time
@@ -28,6 +39,7 @@ from nn import config
 from nn.beamline.classifier import Classifier
 from nn.beamline.publisher import Publisher
 from nn.beamline.receiver import Receiver
+from nn.config import AiryNetError, first_line
 from nn.files import partial_name
 from nn.inputs import euxfel
 from nn.outputs import writers
@@ -48,33 +60,39 @@ BACKLOG_BATCHES = 2  # results that may wait for a client of the stream, in batc
 def run(cfg, model):
     """Classify bridge trains until --live_trains, --live_seconds or a signal; returns 0."""
     names = config.class_names(cfg)
+    files = Files(cfg, names)
     receiver = Receiver(cfg.bridge, cfg.bridge_socket, capacity=cfg.batch_size, source=cfg.bridge_source,
                         key=cfg.bridge_key, geometry=cfg.geometry)
-    files = Files(cfg)
+    stats = Stats(names)
     publisher = None
-    with StopSignal() as stop:
-        try:
-            publisher = (Publisher(cfg.publish, cfg.publish_socket, names, BACKLOG_BATCHES * cfg.batch_size)
-                         if cfg.publish else None)
-            receiver.start()
-            log.info("Waiting for data from %s (%s)", cfg.bridge, cfg.bridge_socket)
-            start = time.monotonic()
-            until = (lambda: stop.received or (cfg.live_seconds and time.monotonic() - start >= cfg.live_seconds))
-            stats = Stats(names)
-            if receiver.wait_for_detector(until):
-                classifier = _set_up(cfg, model, receiver)
-                stats = Stats(names)  # the clock starts with the first train
-                _loop(receiver, classifier, Results(publisher, files, stats, cfg.save_images), until,
-                      cfg.live_trains)
-        finally:
-            receiver.stop()
-            paths = files.close()
-            if publisher:
-                publisher.close()
+    try:
+        with StopSignal() as stop, contextlib.ExitStack() as closing:
+            closing.callback(files.close)  # the callbacks run in the reverse order, each whatever the others do
+            if cfg.publish:
+                publisher = Publisher(cfg.publish, cfg.publish_socket, names, BACKLOG_BATCHES * cfg.batch_size)
+                closing.callback(publisher.close)
+            closing.callback(receiver.stop)
+            _classify(cfg, model, receiver, Results(publisher, files, stats, cfg.save_images), stop)
+    except BaseException:
+        if receiver.counts["trains"]:  # what a run that got data did before it failed
+            log.info("%s; %s", stats.summary(receiver, publisher), files.describe())
+        raise
     if stop.received:
         log.info("Stopped by %s", stop.received)
-    log.info("%s; wrote %s", stats.summary(receiver, publisher), ", ".join(paths))
+    log.info("%s; %s", stats.summary(receiver, publisher), files.describe())
     return 0
+
+
+def _classify(cfg, model, receiver, results, stop):
+    """Wait for the first train, set up for its detector and classify until done."""
+    start = time.monotonic()
+    until = (lambda: stop.received or (cfg.live_seconds and time.monotonic() - start >= cfg.live_seconds))
+    receiver.start()
+    log.info("Waiting for data from %s (%s)", cfg.bridge, cfg.bridge_socket)
+    if receiver.wait_for_detector(until):
+        classifier = _set_up(cfg, model, receiver)
+        results.stats.restart()  # the clock starts with the first train
+        _loop(receiver, classifier, results, until, cfg.live_trains)
 
 
 def _set_up(cfg, model, receiver):
@@ -138,43 +156,129 @@ class Results:
 # Files
 
 class Files:
-    """live.txt and live.h5 (stacked, SWMR) in --predict_dir, written by one background thread
-    (nn/outputs/h5out.py's WriterThread, as --mode=predict writes). Unlike --mode=predict's files they
-    get their final names however the run ends: they hold every shot classified."""
+    """The run's txt and stacked h5 (SWMR) in --predict_dir, created with the first classified batch and
+    written by one background thread (nn/outputs/h5out.py's WriterThread, as --mode=predict writes).
 
-    def __init__(self, cfg):
-        paths = writers.output_paths(cfg.predict_dir, FILE_STEM)
-        # A partial file is refused too: another live run may still be writing it.
-        writers.prepare(cfg.predict_dir, [name for path in paths.values() for name in (path, partial_name(path))],
-                        cfg.overwrite)
+    A failed write is noted on the writer thread and nothing after it is written, so that the files never
+    miss a batch in the middle; write() or close() raises it. close() then cuts the files back to the last
+    batch written whole and gives them their final names, or removes them if no batch was written whole;
+    files that cannot be closed keep their partial names."""
+
+    def __init__(self, cfg, class_names):
+        self.cfg, self.class_names = cfg, class_names
+        self.name = cfg.dataset if "dataset" in cfg.explicit else None
+        writers.prepare(cfg.predict_dir, [], cfg.overwrite)  # the folder, before anything connects
+        if self.name:
+            self._refuse_existing(self.name)
+        self.txt = self.h5 = self.writer = None
+        self.fields = {}
+        self.written = (0, 0)  # (txt bytes, h5 rows) after the last batch written whole
+        self.failure = None  # (path, exception) of the failed write
+        self.reported = False  # whether the failure was raised
+        self.paths = []  # the final names, once complete
+
+    def _refuse_existing(self, name):
+        """The paths of files named `name`; refused if they, or their partial names (another live run may
+        still be writing them), exist."""
+        paths = writers.output_paths(self.cfg.predict_dir, name)
+        writers.prepare(self.cfg.predict_dir, [p for path in paths.values() for p in (path, partial_name(path))],
+                        self.cfg.overwrite)
+        return paths
+
+    def _open(self, name):
+        cfg = self.cfg
+        paths = self._refuse_existing(name)
         image_shape = (cfg.target_height, cfg.target_width, cfg.target_depth) if cfg.save_images else None
-        fields = writers.stacked_fields(cfg.num_classes, image_shape, pulses=True)
-        fields["bids"] = ("int64", (), {"meaning": "train ID"})
+        self.fields = writers.stacked_fields(cfg.num_classes, image_shape, pulses=True)
+        self.fields["bids"] = ("int64", (), {"meaning": "train ID"})
         attrs = {"source": "live", "bridge": cfg.bridge, "load_dir": cfg.load_dir}
-        self.txt = writers.TxtWriter(paths["txt"])
-        self.h5 = writers.StackedWriter(paths["h5"], fields, config.class_names(cfg), attrs, cfg.h5_compression,
-                                        swmr=True)
+        try:
+            self.txt = writers.TxtWriter(paths["txt"])
+            self.h5 = writers.StackedWriter(paths["h5"], self.fields, self.class_names, attrs, cfg.h5_compression,
+                                            swmr=True)
+        except OSError as e:
+            for path in paths.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(partial_name(path))
+            raise AiryNetError(f"--predict_dir={cfg.predict_dir}: cannot create {name}.txt and {name}.h5 "
+                               f"({e.strerror or first_line(e)})") from e
         # Rows become visible to SWMR readers at most a second after they are written, pauses included.
-        self.writer = WriterThread(self._write, idle=self.h5.flush, idle_seconds=writers.SWMR_FLUSH_SECONDS)
+        self.writer = WriterThread(self._write, idle=self._flush, idle_seconds=writers.SWMR_FLUSH_SECONDS)
 
     def write(self, rows):
-        """Queue one batch (a bounded queue, so memory stays flat). A write error surfaces here."""
+        """Queue one batch (a bounded queue, so memory stays flat); the first creates the files. Raises a
+        failed write."""
+        self._raise_failure()
+        if self.writer is None:
+            self._open(self.name or f"{FILE_STEM}_{rows['bids'][0]}")
         self.writer.put(rows)
 
-    def _write(self, rows):
-        self.txt.write(rows)
-        self.txt.file.flush()
-        self.h5.write(rows)
+    def _write(self, rows):  # on the writer thread
+        if self.failure is None:
+            path = self.txt.path
+            try:
+                self.txt.write(rows)
+                self.txt.file.flush()
+                path = self.h5.path
+                self.h5.write(rows)
+            except Exception as e:  # raised by the main thread; the files end before this batch
+                self.failure = (path, e)
+                return
+            self.written = (self.txt.file.tell(), self.h5.rows)
+
+    def _flush(self):  # on the writer thread
+        if self.failure is None:
+            try:
+                self.h5.flush()
+            except Exception as e:
+                self.failure = (self.h5.path, e)
+
+    def _raise_failure(self):
+        if self.failure is not None and not self.reported:
+            self.reported = True
+            path, e = self.failure
+            reason = (e.strerror if isinstance(e, OSError) else None) or first_line(e)
+            kept = (f"its files keep the {self.written[1]} shots written before" if self.written[1] else
+                    "no files are left")
+            raise AiryNetError(f"{path}: writing failed ({reason}); the run stops, and {kept}") from e
 
     def close(self):
-        """Finish the writes and give the files their final names (they hold every classified shot)."""
+        """Finish the writes and complete the files; raises a failed write that write() did not."""
+        if self.writer is None:
+            return
+        self.writer.close()  # _write and _flush raise nothing: a failure is in self.failure
+        closing = self.txt.path
         try:
-            self.writer.close()
-        finally:
-            for w in (self.txt, self.h5):
-                w.close()
+            if self.failure is not None:
+                self._cut()
+            self.txt.close()
+            closing = self.h5.path
+            self.h5.close()
+        except Exception as e:
+            raise AiryNetError(f"{closing}: closing failed ({first_line(e)}); the files are left as "
+                               f"{self.txt.tmp} and {self.h5.tmp}") from e
+        for w in (self.txt, self.h5):
+            if self.written[1]:
                 os.replace(w.tmp, w.path)
-        return [self.txt.path, self.h5.path]
+            else:  # the first write failed: no empty files
+                os.remove(w.tmp)
+        self.paths = [self.txt.path, self.h5.path] if self.written[1] else []
+        self._raise_failure()
+
+    def _cut(self):
+        """Back to the last batch written whole: a failed write may have left part of one."""
+        size, rows = self.written
+        with contextlib.suppress(OSError):  # writing out the failed batch's buffered lines fails again
+            self.txt.close()
+        os.truncate(self.txt.tmp, size)
+        for name in self.fields:
+            self.h5.file[name].resize(rows, axis=0)
+
+    def describe(self):
+        """What the summary says of the files."""
+        if self.paths:
+            return f"wrote {self.written[1]} shots to {', '.join(self.paths)}"
+        return "wrote no files"
 
 
 # ----------------------------------------------------------------------------------------------
