@@ -605,3 +605,14 @@ def test_a_failed_write_ends_the_files_at_the_last_whole_batch(run_dir, tmp_path
     with h5py.File(h5_path, "r") as f:
         assert {len(f[name]) for name in ("bids", "pulses", "probs", "preds")} == {len(batches[0])}
         assert list(f["bids"][:]) == batches[0]
+
+
+def test_frames_of_another_size_than_trained_warn_once(run_dir, tmp_path, caplog):
+    images, _ = simulate.simulate(2, seed=2, size=80)
+    bridge = f"tcp://127.0.0.1:{free_port()}"
+    with Feeder(bridge, "REP", lambda i: pnccd_train(images[i % 2], 300 + i)):
+        assert live(run_dir, tmp_path, f"--bridge={bridge}", "--live_trains=3") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "trained on" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("Frames are 80x80, the model was trained on 64x64: each is centre-cropped to "
+                                  "64x64 and resized to 96x96")

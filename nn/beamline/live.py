@@ -97,6 +97,12 @@ def _classify(cfg, model, receiver, results, stop):
 
 def _set_up(cfg, model, receiver):
     """The classifier for the frames of the detector the first train named; then the receiver reads on."""
+    height, width = receiver.detector.frame_shape
+    if (height, width) != (cfg.ori_height, cfg.ori_width):
+        log.warning("Frames are %dx%d, the model was trained on %dx%d: each is centre-cropped to %dx%d and "
+                    "resized to %dx%d, so the patterns reach the network at another scale than in training",
+                    height, width, cfg.ori_height, cfg.ori_width, config.crop_size(height),
+                    config.crop_size(width), cfg.target_height, cfg.target_width)
     euxfel.set_frame_size(cfg, receiver.detector)
     classifier = Classifier(cfg, model, receiver.detector, cfg.bridge_socket)
     log.info("Batches of up to %d frames", classifier.batch_frames)
