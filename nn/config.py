@@ -72,7 +72,9 @@ def build_parser():
                    help="Prefix for --dataset: files are looked up in data_dir + dataset + '/'.")
     g.add_argument("--dataset", type=str, default="helium",
                    help="Dataset folder name under data_dir. 'synthetic' needs no files: simulated "
-                        "helium-droplet patterns are generated from --random_seed.")
+                        "helium-droplet patterns are generated from --random_seed. Also the name of "
+                        "--mode=predict's output files, and of --mode=live's when given (else "
+                        "live_<first train ID>).")
     g.add_argument("--log_dir", type=str, default="logs",
                    help="Runs are written to log_dir/{dataset}_{out_dir_name or MMDD_HHMMSS}.")
     g.add_argument("--load_dir", type=str, default="",
@@ -179,9 +181,12 @@ def build_parser():
     g.add_argument("--h5_compression", type=str, default="zstd", choices=("zstd", "lz4", "gzip"),
                    help="Filter of the stacked prediction HDF5: zstd (Blosc) or lz4 (bitshuffle) need "
                         "`import hdf5plugin` to read; gzip is standard HDF5 (slower to write and read).")
-    g.add_argument("--save_images", type=str2bool, default=True,
+    g.add_argument("--save_images", type=str2bool, default=None,
                    help="Store the network-input images in the stacked prediction HDF5 (the per_shot layout "
-                        "always does).")
+                        "always does). Default true, but false for --mode=live, where they cost target_height "
+                        "x target_width x target_depth x 4 bytes a shot, barely compressible: 200 KB at "
+                        "224x224x1, 0.7 GB an hour per frame/s (7 GB an hour at the pnCCD's 10 Hz, 12 GB at "
+                        "17 frames/s).")
     g.add_argument("--save_conv", type=str2bool, default=False,
                    help="Also store the activations of the Grad-CAM layer (the last conv block) per shot "
                         "(`conv`, channels last).")
@@ -215,7 +220,8 @@ def build_parser():
     g.add_argument("--publish_socket", type=str, default="REP", choices=("REP", "PUB", "PUSH"),
                    help="Socket type of --publish (clients use REQ, SUB or PULL respectively).")
     g.add_argument("--gradcam_every", type=int, default=0,
-                   help="Publish Grad-CAM++ maps of every Nth shot (0: none).")
+                   help="Publish Grad-CAM++ maps of every Nth shot (0: none); needs --publish, as the maps go "
+                        "to the stream only.")
     g.add_argument("--live_trains", type=int, default=0, help="Stop after classifying N trains (0: never).")
     g.add_argument("--live_seconds", type=float, default=0, help="Stop after S seconds (0: never).")
 
@@ -288,6 +294,11 @@ def validate_live(cfg):
             raise AiryNetError(f"--{name}={value}: not a ZeroMQ endpoint such as tcp://host:4545")
     if cfg.mode == "live" and not cfg.bridge:
         raise AiryNetError("--bridge: --mode=live needs the Karabo bridge endpoint, e.g. --bridge=tcp://host:4545")
+    if cfg.mode == "live" and cfg.gradcam_every and not cfg.publish:
+        raise AiryNetError(f"--gradcam_every={cfg.gradcam_every}: the maps go only to the published stream; "
+                           f"pass --publish=tcp://*:PORT or leave --gradcam_every at 0")
+    if cfg.save_images is None:
+        cfg.save_images = cfg.mode != "live"
     if cfg.geometry and not os.path.isfile(cfg.geometry):
         raise AiryNetError(f"--geometry={cfg.geometry}: no such file")
     from nn.inputs.detectors import parse_pulses  # imported here: nn.inputs.detectors imports this module

@@ -1,15 +1,24 @@
 """The parts of --mode=live alone, without a bridge or a network: the receiver's choice of trains to keep
-(nn/beamline/receiver.py) and the split of a classified batch into trains, files and statistics
-(nn/beamline/live.py). The whole mode runs against real bridge servers in test_live.py."""
+and its retries (nn/beamline/receiver.py), the split of a classified batch into trains, files and
+statistics, and the status lines (nn/beamline/live.py). The whole mode runs against real bridge servers in
+test_live.py."""
+import collections
+import logging
+import threading
 import time
 import types
 
+import karabo_bridge
 import numpy as np
+import pytest
+import zmq
 
+from nn.beamline import live
 from nn.beamline.live import Results, Stats
 from nn.beamline.receiver import Receiver, Train
 
 PNCCD = "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output"
+CAMERA = "SQS_TEST_CAM/DATA:output"
 
 
 def pnccd_train(train_id, shape=(16, 16)):
@@ -54,3 +63,86 @@ def test_results_go_train_by_train_to_the_stream_and_shot_by_shot_to_the_files()
     assert list(rows["bids"]) == [10, 10, 11, 11, 11] and list(rows["pulses"]) == [0, 1, 0, 1, 2]
     assert "images" not in rows and rows["probs"] is probs
     assert stats.trains == 2 and stats.frames == 5 and len(stats.latencies) == 2
+
+
+def test_trains_without_frames_are_skipped_before_the_classifier(caplog):
+    receiver = Receiver("tcp://127.0.0.1:1", "SUB", capacity=4)
+    for train_id, pulses in ((1, 2), (2, 0), (3, 0), (4, 1)):
+        data = {CAMERA: {"data.image": np.ones((pulses, 16, 16), np.float32)}}
+        receiver._accept(data, {CAMERA: {"timestamp.tid": train_id}}, received=time.monotonic())
+    assert [t.train_id for t in receiver.take(timeout=0)] == [1, 4]
+    assert receiver.skipped == {"no frames (0 pulses)": 2}
+    assert caplog.text.count("skipping messages with no frames") == 1
+
+
+def test_a_persistent_zmq_error_is_retried_with_growing_waits(monkeypatch, caplog):
+    """A socket that fails on every read: each try comes after a wait twice as long as the one before, up
+    to 5 s, logged once; never a loop that spins a core."""
+    reads, waits = [], []
+
+    class FailingClient:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def next(self):
+            reads.append(1)
+            if len(reads) > 1000:  # ends the test where nothing waits
+                receiver.stopping.set()
+            raise zmq.ZMQError(zmq.EFSM)
+
+    class RecordedStop(threading.Event):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            if len(waits) == 7:
+                self.set()
+            return self.is_set()
+
+    monkeypatch.setattr(karabo_bridge, "Client", FailingClient)
+    receiver = Receiver("tcp://127.0.0.1:1", "SUB", capacity=1)
+    receiver.stopping = RecordedStop()
+    receiver.run()  # in this thread: it returns once stopped
+    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0])
+    assert len(reads) == 7 and receiver.error is None
+    assert caplog.text.count("connecting anew") == 1
+
+
+def test_status_lines_cover_the_interval_since_the_last_and_one_comes_after_a_stall(monkeypatch, caplog):
+    """A clock of our own: the first batch stalls for 12 s, the next five take 1 s each, and every batch
+    drops a train. One line comes after the stall, the next 5 s later, each with that interval's figures."""
+    caplog.set_level(logging.INFO, logger="airynet")
+    now = [0.0]
+    monkeypatch.setattr(live, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    seconds = iter([12, 1, 1, 1, 1, 1])
+
+    class Source:
+        counts, skipped = collections.Counter(), collections.Counter()
+
+        def check(self):
+            pass
+
+        def discard(self, trains):
+            assert not trains
+
+        def take(self, timeout):
+            self.counts.update(trains=2, frames=2, dropped_trains=1, dropped_frames=1)
+            return [Train(int(self.counts["trains"]), None, np.zeros(1, np.int64), now[0])]
+
+    class Network:
+        def classify(self, trains):
+            now[0] += next(seconds)
+            result = {"probabilities": np.full((1, 2), 0.9, np.float32), "classes": np.ones((1, 2), np.uint8)}
+            return np.zeros((1, 4, 4, 1)), np.zeros(1, bool), result
+
+    results = Results(None, types.SimpleNamespace(write=lambda rows: None), Stats(["a", "b"]), save_images=False)
+    live._loop(Source(), Network(), results, until=lambda: False, train_limit=6)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("live")]
+    assert lines == ["live, last 12 s: in 0.2 frames/s, processed 0.1 frames/s, dropped 1 trains, missed 0 "
+                     "(train ID gaps), latency p50 12.00 s p99 12.00 s | a 100%, b 100%",
+                     "live, last 5 s: in 2.0 frames/s, processed 1.0 frames/s, dropped 5 trains, missed 0 "
+                     "(train ID gaps), latency p50 1.00 s p99 1.00 s | a 100%, b 100%"]

@@ -6,14 +6,18 @@ batch, so the server's newest data is what arrives and no CPU goes into decoding
 dropped (as OnDA asks when it is ready); with SUB and PULL the server pushes, so it reads on and, when
 the classifier falls behind, drops the oldest waiting trains whole and counts them. Gaps in the train
 IDs (trains the source never sent us) are counted too. After the first train it pauses until the
-classifier is set up for that frame size (resume()). A message without the source or key, or with a
-wrong shape or dtype, is logged once per kind, counted and skipped; a server that goes silent is
-connected to anew until it is back.
+classifier is set up for that frame size (resume()). A message without the source or key, with a
+wrong shape or dtype, or without frames (a pulse stack of 0 pulses) is logged once per kind, counted and
+skipped, so the classifier only ever gets trains with frames. A server that goes silent is connected to
+anew until it is back; after a ZeroMQ error (the socket's, not a message's) the next try waits, twice as
+long each time up to MAX_BACKOFF seconds, so that an error that persists does not spin a core.
 """
 import collections
 import logging
 import threading
 import time
+
+import zmq
 
 from nn.config import AiryNetError
 from nn.inputs import detectors
@@ -22,6 +26,7 @@ log = logging.getLogger("airynet")
 
 RECEIVE_TIMEOUT = 2.0  # seconds without data before the bridge connection is made anew
 FILL_SECONDS = 0.2  # REQ: how long a batch may take to fill once its first train is in
+MIN_BACKOFF, MAX_BACKOFF = 0.1, 5.0  # seconds between tries after ZeroMQ errors
 
 Train = collections.namedtuple("Train", "train_id array pulses received")
 
@@ -45,6 +50,7 @@ class Receiver(threading.Thread):
         self.last_train_id = None
         self.demand = False  # True while take() waits: a REQ receiver asks for trains then only
         self.skipped = collections.Counter()  # message problems by kind
+        self.backoff = 0.0  # seconds waited after the last ZeroMQ error; 0 once data comes
         self.error = None
 
     # ------------------------------------------------------------------------------------------
@@ -77,14 +83,26 @@ class Receiver(threading.Thread):
                     log.warning("--bridge=%s: no data for %.0f s; reconnecting until the server is back",
                                 self.endpoint, RECEIVE_TIMEOUT)
                 return silent_since or time.monotonic()
+            except zmq.ZMQError as e:
+                self._back_off(e)
+                return silent_since  # a new client (and socket) for the next try
             except Exception as e:  # not the bridge protocol (msgpack or framing errors)
                 self._skip(f"undecodable message ({type(e).__name__})")
                 continue
             if silent_since is not None and self.counts["trains"]:
                 log.warning("--bridge=%s: data again after %.0f s", self.endpoint, time.monotonic() - silent_since)
-            silent_since = None
+            silent_since, self.backoff = None, 0.0
             self._accept(*message, time.monotonic())
         return silent_since
+
+    def _back_off(self, error):
+        """Wait before the next try after a ZeroMQ error: MIN_BACKOFF, then twice as long each time, up to
+        MAX_BACKOFF (a stop ends the wait). Logged once until data comes again."""
+        if not self.backoff:
+            log.warning("--bridge=%s: %s: %s; connecting anew, waiting up to %.0f s between tries",
+                        self.endpoint, type(error).__name__, error, MAX_BACKOFF)
+        self.backoff = min(max(2 * self.backoff, MIN_BACKOFF), MAX_BACKOFF)
+        self.stopping.wait(self.backoff)
 
     def _wanted(self):
         """True once a batch is wanted and the waiting trains leave room (REQ asks only then); False after
@@ -120,6 +138,8 @@ class Receiver(threading.Thread):
         train_id = meta.get(source, {}).get("timestamp.tid", data[source].get("metadata", {}).get("timestamp.tid"))
         if problem is None and train_id is None:
             problem = "no train ID (timestamp.tid)"
+        if problem is None and not self.detector.count(array):
+            problem = "no frames (0 pulses)"
         if problem is not None:
             return self._skip(problem)
         self._keep(Train(int(train_id), array, self.detector.pulse_ids(data[source], array), received))
