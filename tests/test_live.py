@@ -483,11 +483,11 @@ CAMERA = "SQS_TEST_CAM/DATA:output"  # no known detector: its (pulses, H, W) arr
 
 def offline_outputs(run_dir, images):
     """The run's network on `images` (as fed), offline: probabilities and maps at layer resolution."""
-    from nn import checkpoints, config
+    from nn import checkpoints, config, recipe
     from nn.inference import make_step
     cfg = config.parse_args(["--mode=predict", f"--load_dir={run_dir}"])
     config.merge_run_config(cfg, run_dir)
-    model, _ = checkpoints.restore_model(cfg)
+    model, _ = checkpoints.restore_model(cfg, recipe.resolve(cfg))
     out = make_step(cfg, model, maps="layer")(images)
     return out["probabilities"].numpy(), out["grad_cam"].numpy()
 
