@@ -176,9 +176,10 @@ def build_parser():
     g.add_argument("--h5_layout", type=str, default="stacked", choices=("stacked", "per_shot"),
                    help="Prediction HDF5 layout: chunked stacked datasets, or one group per shot "
                         "as the original wrote.")
-    g.add_argument("--h5_compression", type=str, default="zstd", choices=("zstd", "lz4", "gzip"),
-                   help="Filter of the stacked prediction HDF5: zstd (Blosc) or lz4 (bitshuffle) need "
-                        "`import hdf5plugin` to read; gzip is standard HDF5 (slower to write and read).")
+    g.add_argument("--h5_compression", type=str, default="gzip", choices=("gzip", "zstd", "lz4", "none"),
+                   help="Filter of the stacked prediction HDF5: gzip is standard HDF5, which every HDF5 reader "
+                        "opens; zstd (Blosc) and lz4 (bitshuffle) write and read faster but need "
+                        "`import hdf5plugin` (or the plugins) to read; none writes uncompressed.")
     g.add_argument("--save_images", type=str2bool, default=True,
                    help="Store the network-input images in the stacked prediction HDF5 (the per_shot layout "
                         "always does).")

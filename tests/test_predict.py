@@ -1,5 +1,8 @@
-"""--mode=predict: the txt and both h5 layouts, shards and their merge, refusals, failures, memory."""
+"""--mode=predict: the txt and both h5 layouts and their filters, shards and their merge, refusals, failures,
+memory."""
 import os
+import subprocess
+import sys
 
 import h5py
 import hdf5plugin
@@ -62,10 +65,12 @@ def read_txt(path):
     return bids, flags, probs
 
 
-def test_txt_and_stacked_h5(tmp_path):
+def test_txt_and_stacked_h5(tmp_path, caplog):
     model, (images, bids) = tiny_model(), shots(10)
     cfg = cfg_for(tmp_path)
+    caplog.set_level("INFO", logger="airynet")
     predict.run(cfg, model, predict_dataset(images, bids))
+    assert "Predicted 10 shots in " in caplog.text
     assert sorted(os.listdir(tmp_path / "pred")) == ["helium.h5", "helium.txt"]
     probs = tf.sigmoid(model(images)).numpy()
 
@@ -89,14 +94,48 @@ def test_txt_and_stacked_h5(tmp_path):
         np.testing.assert_allclose(cams, gradcam.gradcam_plus_plus(model, images, "last_block_before_fc"),
                                    atol=1e-3)
         assert "labels" not in f
-        assert f.attrs["h5_compression"] == "zstd" and "import hdf5plugin" in f.attrs["h5_filters"]
-        assert str(hdf5plugin.BLOSC_ID) in f["grad_cam"]._filters and f["grad_cam"].chunks[1:] == (CLASSES, 8, 8)
+        assert f.attrs["h5_compression"] == "gzip" and f.attrs["h5_filters"] == "gzip level 1 + shuffle (standard HDF5 filters)"
+        assert all(f[name].compression == "gzip" and f[name].shuffle for name in ("bids", "probs", "images", "grad_cam"))
+        assert f["grad_cam"].chunks[1:] == (CLASSES, 8, 8)
         assert list(f["grad_cam"].attrs["upsample_to"]) == [SIZE, SIZE]
         # The CXI view of the same data.
         assert f["cxi_version"][()] == 160
         np.testing.assert_array_equal(f["entry_1/result_1/score"][:], f["probs"][:])
         assert [h.decode() for h in f["entry_1/result_1/headings"][:]] == ["0", "1", "2"]
         assert f["entry_1/data_1/data"].shape == (10, SIZE, SIZE, 1)
+
+
+def test_default_file_opens_in_any_hdf5_reader(tmp_path):
+    """The default filters are HDF5's own: a fresh interpreter that never imports hdf5plugin (as HDFView,
+    MATLAB and most users' scripts do not) reads every dataset of the default file."""
+    model, (images, bids) = tiny_model(), shots(6)
+    predict.run(cfg_for(tmp_path), model, predict_dataset(images, bids))
+    path = tmp_path / "pred" / "helium.h5"
+    code = ("import sys, h5py, numpy as np\n"
+            "with h5py.File(sys.argv[1], 'r') as f:\n"
+            "    sums = [float(np.sum(f[n][:], dtype=np.float64)) for n in ('bids', 'probs', 'preds', 'images', 'grad_cam')]\n"
+            "assert 'hdf5plugin' not in sys.modules\n"
+            "print(*sums)")
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_PLUGIN_PATH"}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with h5py.File(path, "r") as f:
+        expected = [float(np.sum(f[n][:], dtype=np.float64)) for n in ("bids", "probs", "preds", "images", "grad_cam")]
+    assert [float(v) for v in done.stdout.split()] == pytest.approx(expected, rel=1e-12)
+    assert expected[0] == bids.sum()
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
+def test_other_filters_on_request(tmp_path, compression):
+    model, (images, bids) = tiny_model(), shots(5)
+    predict.run(cfg_for(tmp_path, f"--h5_compression={compression}"), model, predict_dataset(images, bids))
+    with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
+        assert f.attrs["h5_compression"] == compression
+        filters = f["images"]._filters
+        assert {"zstd": str(hdf5plugin.BLOSC_ID) in filters, "lz4": str(hdf5plugin.BSHUF_ID) in filters,
+                "none": filters == {}}[compression]
+        np.testing.assert_array_equal(f["images"][:], images)
+        np.testing.assert_allclose(f["probs"][:], tf.sigmoid(model(images)).numpy(), atol=1e-6)
 
 
 def test_per_shot_h5_named_by_bunch_id(tmp_path):

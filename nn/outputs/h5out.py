@@ -4,10 +4,13 @@ writer thread fed through a bounded queue.
 Compression (--h5_compression), chosen by `scripts/benchmark.py h5` on predict outputs (figures in
 docs/performance.md): the images as fed are bilinearly resized counts, float32 whose low mantissa bits are
 noise, so no lossless filter shrinks them much and the filters differ mostly in speed.
-  zstd  Blosc with Zstandard level 1 after a byte shuffle (the default): about gzip's size, written and read
-        faster. Readers need the filter: `import hdf5plugin` before opening the file in Python.
+  gzip  deflate level GZIP_LEVEL after a byte shuffle (the default): HDF5's standard filters, which every
+        HDF5 reader decodes (h5py without hdf5plugin, HDFView, MATLAB, h5dump). Higher levels cost more
+        time for little size: the noisy mantissas do not compress at any level.
+  zstd  Blosc with Zstandard level 1 after a byte shuffle: about gzip's size, written and read several
+        times faster. Readers need the filter: `import hdf5plugin` before opening the file in Python.
   lz4   Bitshuffle + LZ4: the fastest to write and read, files somewhat larger. Needs hdf5plugin too.
-  gzip  deflate level 1 after a byte shuffle: HDF5's standard filters, readable by every HDF5 tool.
+  none  no filter: the fastest, files of the full size.
 """
 import queue
 import threading
@@ -15,7 +18,8 @@ import threading
 import hdf5plugin  # registers the plugin filters with HDF5, for writing and for reading the files back
 import numpy as np
 
-COMPRESSIONS = ("zstd", "lz4", "gzip")
+COMPRESSIONS = ("gzip", "zstd", "lz4", "none")
+GZIP_LEVEL = 1
 CHUNK_BYTES = 256 << 10  # target size of an HDF5 chunk of the small fields (uncompressed): many shots
                          # per chunk keeps the chunk index, which HDF5 caches in memory, small
 SHOT_BYTES = 16 << 10    # rows this large (images) get chunks of one shot: reading one shot back
@@ -25,18 +29,22 @@ SHOT_BYTES = 16 << 10    # rows this large (images) get chunks of one shot: read
 def filter_options(compression):
     """h5py create_dataset keyword arguments for --h5_compression."""
     if compression == "gzip":
-        return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+        return {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
     if compression == "zstd":
         return dict(hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE))
     if compression == "lz4":
         return dict(hdf5plugin.Bitshuffle(cname="lz4"))
+    if compression == "none":
+        return {}
     raise ValueError(f"unknown compression {compression!r}")
 
 
 def describe(compression):
     """The root attribute that tells a reader what it needs."""
     if compression == "gzip":
-        return "gzip level 1 + shuffle (standard HDF5 filters)"
+        return f"gzip level {GZIP_LEVEL} + shuffle (standard HDF5 filters)"
+    if compression == "none":
+        return "none"
     name = {"zstd": "Blosc zstd level 1 + byte shuffle", "lz4": "bitshuffle + LZ4"}[compression]
     return f"{name} (HDF5 plugin filter: in Python, `import hdf5plugin` before opening the file)"
 
