@@ -61,17 +61,18 @@ class WriterThread:
     """Calls write(item) for every put(item), in order, on one background thread.
 
     At most `depth` items wait, so memory stays flat when writing is slower than computing; put() then
-    blocks. An exception raised by write() is raised again by the next put() or by close(), and the items
-    after it are dropped. Use as a context manager: leaving it waits for the writes queued so far, unless
-    it is left by an exception, which stops the thread after the write in progress. `idle`, if given, is
-    called on the thread after every `idle_seconds` without an item (errors as for write)."""
+    blocks. An exception raised by write() is raised again, once, by the next put() or by close(), and
+    every item after it is dropped, so that a file never holds rows written after a failed batch. Use as a
+    context manager: leaving it waits for the writes queued so far, unless it is left by an exception,
+    which stops the thread after the write in progress. `idle`, if given, is called on the thread after
+    every `idle_seconds` without an item (errors as for write)."""
 
     _STOP, _IDLE = object(), object()
 
     def __init__(self, write, depth=2, idle=None, idle_seconds=1.0):
         self.write, self.idle, self.idle_seconds = write, idle, idle_seconds
         self.queue = queue.Queue(depth)
-        self.error = None
+        self.error, self.reported = None, False
         self.abandoned = False  # set when the run stops early: what is still queued is dropped
         self.thread = threading.Thread(target=self._loop, name="airynet-writer", daemon=True)
         self.thread.start()
@@ -91,9 +92,9 @@ class WriterThread:
             return self._IDLE
 
     def _raise(self):
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        if self.error is not None and not self.reported:
+            self.reported = True
+            raise self.error
 
     def put(self, item):
         self._raise()
