@@ -1,6 +1,7 @@
-"""--mode=predict: the txt and both h5 layouts and their filters, shards and their merge, refusals, failures,
-memory."""
+"""--mode=predict: the txt and both h5 layouts and their filters, shards and their merge, refusals, the lock
+on the output name, failures, memory."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -276,6 +277,62 @@ def test_refuses_to_replace_existing_files(tmp_path):
     assert os.listdir(tmp_path / "pred") == ["helium.h5"]
     predict.run(cfg_for(tmp_path, "--overwrite=true"), model, predict_dataset(images, bids))
     assert h5py.is_hdf5(tmp_path / "pred" / "helium.h5")
+
+
+class SecondRunMidway:
+    """A predict dataset that starts `second()`, another run, after its first batch and keeps its error."""
+
+    def __init__(self, dataset, second):
+        self.dataset, self.element_spec, self.second, self.error = dataset, dataset.element_spec, second, None
+
+    def __iter__(self):
+        for i, batch in enumerate(self.dataset):
+            if i == 1:
+                with pytest.raises(AiryNetError) as caught:
+                    self.second()
+                self.error = str(caught.value)
+            yield batch
+
+
+def test_a_second_run_into_the_same_files_refuses_and_the_first_finishes(tmp_path):
+    model, (images, bids) = tiny_model(), shots(12)
+    second = SecondRunMidway(predict_dataset(images, bids), lambda: predict.run(
+        cfg_for(tmp_path, "--overwrite=true", "--h5_layout=per_shot"), model, predict_dataset(images, bids)))
+    predict.run(cfg_for(tmp_path), model, second)
+    lock = tmp_path / "pred" / "helium.lock"
+    assert second.error.startswith(f"{lock}: another run (host and pid: {socket.gethostname()} {os.getpid()}) "
+                                   f"is writing these files; wait for it to finish or choose another --predict_dir")
+    assert sorted(os.listdir(tmp_path / "pred")) == ["helium.h5", "helium.txt"]  # the lock is gone too
+    assert read_txt(tmp_path / "pred" / "helium.txt")[0] == list(bids)
+    with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
+        np.testing.assert_array_equal(f["bids"][:], bids)
+        np.testing.assert_allclose(f["probs"][:], tf.sigmoid(model(images)).numpy(), atol=1e-6)
+    # The merge of shards writes the same names, under the same lock.
+    for i in range(2):
+        (tmp_path / "pred" / f"helium.shard{i}of2.txt").write_text(writers.TXT_HEADER)
+    with writers.claimed(str(tmp_path / "pred"), [str(tmp_path / "pred" / "helium.txt")], True):
+        with pytest.raises(AiryNetError, match=r"helium\.lock: another run"):
+            predict.merge(str(tmp_path / "pred"), "helium", 2)
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    model, (images, bids) = tiny_model(), shots(4)
+    holder = ("import sys; from nn.outputs import writers\n"
+              "with writers.claimed(sys.argv[1], [sys.argv[1] + '/helium.txt'], False):\n"
+              "    print('locked', flush=True); sys.stdin.read()")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "pred")], cwd=root, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == "locked\n"
+        with pytest.raises(AiryNetError, match=f"another run \\(host and pid: {socket.gethostname()} {child.pid}\\)"):
+            predict.run(cfg_for(tmp_path), model, predict_dataset(images, bids))
+    finally:
+        child.kill()  # as a crash would: no cleanup in the holder
+        child.wait(timeout=60)
+    assert os.listdir(tmp_path / "pred") == ["helium.lock"]  # left behind, but no longer locked
+    predict.run(cfg_for(tmp_path), model, predict_dataset(images, bids))
+    assert sorted(os.listdir(tmp_path / "pred")) == ["helium.h5", "helium.txt"]
 
 
 def test_crash_mid_run_leaves_no_finished_looking_file(tmp_path):
