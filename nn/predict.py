@@ -7,7 +7,8 @@ records i, i + n, i + 2n, ...; `merge` (CLI: scripts/merge_predictions.py) joins
 files an unsharded run writes. Every file is written under its partial name (nn/files.py) and renamed
 when all are complete, so a crash never leaves a file that looks finished; existing files are refused
 unless --overwrite=true, and so is a second run (or merge) writing the same names while one is under way
-(`{name}.lock`, nn/outputs/writers.py).
+(`{name}.lock`, nn/outputs/writers.py). The h5 file's root attributes record what produced it
+(nn/outputs/provenance.py).
 """
 import logging
 import os
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from nn import config, inference
 from nn.inputs import data, tfrecord
 from nn.models import networks
-from nn.outputs import h5out, writers
+from nn.outputs import h5out, provenance, writers
 from nn.config import AiryNetError
 from nn.files import partial_name
 
@@ -51,7 +52,7 @@ def run(cfg, model, dataset=None):
         from_files = dataset is None
         if from_files:
             dataset = data.dataset(cfg, "predict", shard=shard)
-        attrs = _attrs(cfg)
+        attrs = _attrs(cfg, data.find_files(cfg, "predict")[0] if from_files else None)
         start = time.perf_counter()
         first_batch, shots = _predict(cfg, model, dataset, from_files, paths, attrs)
     _log_rate(start, first_batch, shots, paths, shard)
@@ -116,12 +117,11 @@ def _stacked_fields(cfg, model, element_spec):
     return fields
 
 
-def _attrs(cfg):
-    """The root attributes that record the run."""
-    return {"dataset": cfg.dataset, "load_dir": cfg.load_dir, "network": (
-        f"resnet{cfg.resnet_size}" if cfg.airynet_type == "resnet" else f"vgg{cfg.vgg_size}"),
-        "gradcam": "Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19) of the class logits at layer "
-                   f"{networks.GRADCAM_LAYER}" if cfg.gradcam else "off"}
+def _attrs(cfg, data_kind):
+    """The root attributes that record the run (nn/outputs/provenance.py) and the maps' method."""
+    maps = (f"Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19) of the class logits at layer {networks.GRADCAM_LAYER}"
+            if cfg.gradcam else "off")
+    return {**provenance.attributes(cfg, data_kind), "gradcam": maps}
 
 
 def _rows(result, batch, with_images):

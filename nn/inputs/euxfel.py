@@ -39,6 +39,7 @@ def open_run(cfg, directory):
     source, key = picked
     detector = detectors.Detector(source, key, first[source][key], cfg.geometry)
     log.info("EuXFEL run %s: %s", directory, detector.describe())
+    cfg.detector = detector  # recorded in the prediction files (nn/outputs/provenance.py)
     set_frame_size(cfg, detector)
     keys = [key] + [k for k in detectors.PULSE_KEYS if k in run[source].keys()]
     return run.select([(source, k) for k in keys], require_all=True), detector

@@ -6,7 +6,8 @@ Every writer writes to the partial name of its file (nn/files.py): write(batch) 
 rows, a dict of numpy arrays [B, ...] named as the stacked file names them ("bids", "probs", "preds",
 "images", ...); close() completes the file. `Outputs` gives a set of files their final names only when
 all of them are complete, and `claimed` keeps a second run from writing the same names meanwhile. The
-HDF5 filters, chunk shapes and the writer thread are nn/outputs/h5out.py's.
+HDF5 filters, chunk shapes and the writer thread are nn/outputs/h5out.py's; the root attributes that
+record the run, nn/outputs/provenance.py's.
 """
 import contextlib
 import errno
