@@ -348,7 +348,20 @@ def merge_run_config(cfg, run_dir):
         _check_saved_value(path, cfg, key, value)
     for key, value in taken.items():
         setattr(cfg, key, value)
+    _refuse_ignored_data_dir(cfg, taken, run_dir)
     return differing
+
+
+def _refuse_ignored_data_dir(cfg, taken, run_dir):
+    """A run trained on simulated shots takes --dataset=synthetic from its config; an explicit --data_dir
+    without --dataset then names data that nothing would read (data_dir/synthetic/ does not exist, so the
+    shots would be simulated): the user most likely meant their data, so say how to ask for it."""
+    reads_data = cfg.mode in ("train", "eval", "predict")
+    if (reads_data and taken.get("dataset") == "synthetic" and "data_dir" in cfg.explicit
+            and not os.path.isdir(cfg.data_dir + cfg.dataset)):
+        raise AiryNetError(f"--data_dir={cfg.data_dir}: the run in {run_dir} was trained on --dataset=synthetic "
+                           f"(simulated shots, no files), so this --data_dir would be ignored; pass "
+                           f"--dataset=NAME to read {cfg.data_dir}NAME/, or --dataset=synthetic for simulated shots")
 
 
 def _upgraded(saved):
