@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -61,6 +62,7 @@ def restore_model(cfg, recipe):
         restore(tf.train.Checkpoint(model=model, ema=average), path, cfg, partial=True)
         average.copy_to(model)
     log.info("Restored %s (step %d%s)", path, step_of(path), ", averaged weights" if average else "")
+    cfg.restored_checkpoint = path  # for the output files' record of what produced them (nn/outputs/provenance.py)
     return model, step_of(path)
 
 
@@ -70,15 +72,27 @@ def save_thresholds(run_dir, thresholds, names, step, shots):
                    "thresholds": {name: float(t) for name, t in zip(names, thresholds)}}, f, indent=2)
 
 
-def decision_thresholds(cfg):
-    """The per-class thresholds [C] (float32) that --thresholds selects for the run in cfg.load_dir,
-    or None for the original rule (logit > 0, i.e. probability above 0.5)."""
+class DecisionRule(NamedTuple):
+    """How 0/1 classes follow from the probabilities: `thresholds` [C] (float32) for `probability >=
+    threshold`, or None for the original rule (logit > 0, i.e. probability above 0.5) and for the
+    arg-max of --single_label; `text` says which rule and where its thresholds come from, for people."""
+    thresholds: np.ndarray | None
+    text: str
+
+
+def decision_rule(cfg):
+    """The DecisionRule that --thresholds selects for the run in cfg.load_dir."""
+    if cfg.single_label:
+        return DecisionRule(None, "arg-max of the probabilities (--single_label)")
     if cfg.thresholds != "run":
         value = float(cfg.thresholds)
-        return None if value == 0.5 else np.full(cfg.num_classes, value, np.float32)
+        if value == 0.5:
+            return DecisionRule(None, "probability > 0.5, the original rule (--thresholds=0.5)")
+        return DecisionRule(np.full(cfg.num_classes, value, np.float32),
+                            f"probability >= {value:g} for every class (--thresholds={cfg.thresholds})")
     path = os.path.join(cfg.load_dir, THRESHOLDS_FILE)
     if not cfg.load_dir or not os.path.isfile(path):
-        return None
+        return DecisionRule(None, "probability > 0.5, the original rule (the run has no thresholds.json)")
     try:
         with open(path) as f:
             thresholds = np.array(list(json.load(f)["thresholds"].values()), np.float32)
@@ -86,7 +100,12 @@ def decision_thresholds(cfg):
         raise AiryNetError(f"{path}: cannot read the decision thresholds ({first_line(e)})") from e
     if thresholds.shape != (cfg.num_classes,) or not np.all((thresholds > 0) & (thresholds < 1)):
         raise AiryNetError(f"{path}: expected {cfg.num_classes} thresholds in (0, 1)")
-    return thresholds
+    return DecisionRule(thresholds, f"probability >= the run's calibrated thresholds ({os.path.abspath(path)})")
+
+
+def decision_thresholds(cfg):
+    """decision_rule(cfg).thresholds: what the network's 0/1 classes are computed with."""
+    return decision_rule(cfg).thresholds
 
 
 def make_manager(checkpoint, directory, keep=KEEP_CHECKPOINTS):

@@ -178,9 +178,10 @@ def build_parser():
     g.add_argument("--h5_layout", type=str, default="stacked", choices=("stacked", "per_shot"),
                    help="Prediction HDF5 layout: chunked stacked datasets, or one group per shot "
                         "as the original wrote.")
-    g.add_argument("--h5_compression", type=str, default="zstd", choices=("zstd", "lz4", "gzip"),
-                   help="Filter of the stacked prediction HDF5: zstd (Blosc) or lz4 (bitshuffle) need "
-                        "`import hdf5plugin` to read; gzip is standard HDF5 (slower to write and read).")
+    g.add_argument("--h5_compression", type=str, default="gzip", choices=("gzip", "zstd", "lz4", "none"),
+                   help="Filter of the stacked prediction HDF5: gzip is standard HDF5, which every HDF5 reader "
+                        "opens; zstd (Blosc) and lz4 (bitshuffle) write and read faster but need "
+                        "`import hdf5plugin` (or the plugins) to read; none writes uncompressed.")
     g.add_argument("--save_images", type=str2bool, default=None,
                    help="Store the network-input images in the stacked prediction HDF5 (the per_shot layout "
                         "always does). Default true, but false for --mode=live, where they cost target_height "
@@ -363,7 +364,20 @@ def merge_run_config(cfg, run_dir):
         _check_saved_value(path, cfg, key, value)
     for key, value in taken.items():
         setattr(cfg, key, value)
+    _refuse_ignored_data_dir(cfg, taken, run_dir)
     return differing
+
+
+def _refuse_ignored_data_dir(cfg, taken, run_dir):
+    """A run trained on simulated shots takes --dataset=synthetic from its config; an explicit --data_dir
+    without --dataset then names data that nothing would read (data_dir/synthetic/ does not exist, so the
+    shots would be simulated): the user most likely meant their data, so say how to ask for it."""
+    reads_data = cfg.mode in ("train", "eval", "predict")
+    if (reads_data and taken.get("dataset") == "synthetic" and "data_dir" in cfg.explicit
+            and not os.path.isdir(cfg.data_dir + cfg.dataset)):
+        raise AiryNetError(f"--data_dir={cfg.data_dir}: the run in {run_dir} was trained on --dataset=synthetic "
+                           f"(simulated shots, no files), so this --data_dir would be ignored; pass "
+                           f"--dataset=NAME to read {cfg.data_dir}NAME/, or --dataset=synthetic for simulated shots")
 
 
 def _upgraded(saved):

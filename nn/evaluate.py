@@ -19,7 +19,8 @@ log = logging.getLogger("airynet")
 
 def evaluate(cfg, recipe):
     model, step = checkpoints.restore_model(cfg, recipe)
-    thresholds = checkpoints.decision_thresholds(cfg)
+    rule = checkpoints.decision_rule(cfg)
+    thresholds = rule.thresholds
     ds = data.dataset(cfg, recipe, "eval", one_pass=cfg.eval_steps is None)
     if cfg.eval_steps:
         ds = ds.take(cfg.eval_steps)
@@ -57,13 +58,17 @@ def evaluate(cfg, recipe):
     with atomic_file(os.path.join(out_dir, "scores.npz"), "wb") as f:
         np.savez(f, probabilities=scores, labels=truths,
                  predictions=np.concatenate(predicted),  # the flags the metrics counted
-                 class_names=np.array(names))
-    rule = ("the original rule, probability > 0.5" if thresholds is None else
-            "probability >= threshold: " + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, thresholds)))
-    log.info("Eval of step %d over %d shots, decisions by %s:\n%s", step, result["shots"], rule,
+                 class_names=np.array(names), decision_rule=rule.text, **_thresholds_entry(thresholds))
+    listed = "" if thresholds is None else ": " + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, thresholds))
+    log.info("Eval of step %d over %d shots, decisions by %s%s:\n%s", step, result["shots"], rule.text, listed,
              metrics.format_metrics(result))
     log.info("Wrote %s and scores.npz", os.path.join(out_dir, "metrics.json"))
     return 0
+
+
+def _thresholds_entry(thresholds):
+    """scores.npz's `thresholds` [C] where the classes were decided by thresholds (the pictures mark them)."""
+    return {} if thresholds is None else {"thresholds": np.asarray(thresholds, np.float32)}
 
 
 def _listed(thresholds, num_classes):

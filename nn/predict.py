@@ -6,7 +6,9 @@ are written by nn/outputs/writers.py and described field by field in README.md, 
 records i, i + n, i + 2n, ...; `merge` (CLI: scripts/merge_predictions.py) joins the shards into the
 files an unsharded run writes. Every file is written under its partial name (nn/files.py) and renamed
 when all are complete, so a crash never leaves a file that looks finished; existing files are refused
-unless --overwrite=true.
+unless --overwrite=true, and so is a second run (or merge) writing the same names while one is under way
+(`{name}.lock`, nn/outputs/writers.py). The h5 file's root attributes record what produced it
+(nn/outputs/provenance.py).
 """
 import logging
 import os
@@ -19,7 +21,7 @@ from tqdm import tqdm
 from nn import config, inference
 from nn.inputs import data, tfrecord
 from nn.models import networks
-from nn.outputs import h5out, writers
+from nn.outputs import h5out, provenance, writers
 from nn.config import AiryNetError
 from nn.files import partial_name
 
@@ -42,23 +44,32 @@ def shard_of(cfg):
 
 def run(cfg, recipe, model, dataset=None):
     """Predict every record of `dataset` (default: nn.inputs.data.dataset(cfg, recipe, "predict", shard=...)) and
-    write the files described in the module docstring."""
+    write the files described in the module docstring. A second run writing the same files meanwhile
+    refuses at start."""
     shard = shard_of(cfg)
     paths = writers.output_paths(cfg.predict_dir, cfg.dataset, shard, cfg.save_npy)
-    writers.prepare(cfg.predict_dir, paths.values(), cfg.overwrite)
-    from_files = dataset is None
-    if from_files:
-        dataset = data.dataset(cfg, recipe, "predict", shard=shard)
+    with writers.claimed(cfg.predict_dir, paths.values(), cfg.overwrite):
+        from_files = dataset is None
+        if from_files:
+            dataset = data.dataset(cfg, recipe, "predict", shard=shard)
+        attrs = _attrs(cfg, data.find_files(cfg, "predict")[0] if from_files else None)
+        start = time.perf_counter()
+        first_batch, shots = _predict(cfg, model, dataset, from_files, paths, attrs)
+    _log_rate(start, first_batch, shots, paths, shard)
+
+
+def _predict(cfg, model, dataset, from_files, paths, attrs):
+    """Write the files at `paths`; -> ((time, shots) after the first batch or None, shots)."""
     stacked = cfg.h5_layout == "stacked"
     step = inference.make_step(cfg, model, maps=("layer" if stacked else "resized") if cfg.gradcam else None,
                                conv=cfg.save_conv)
     # The per-shot layout always holds the image; --save_images=false leaves it out of the stacked file.
     with_images = cfg.save_images or not stacked
-    start, shots, first_batch = time.perf_counter(), 0, None
+    shots, first_batch = 0, None
     with writers.Outputs([]) as out:
         for kind, path in paths.items():
             with writers.writing(partial_name(path)):  # added at once: a later failure removes its file
-                out.writers.append(_writer(cfg, model, kind, path, shard, dataset.element_spec))
+                out.writers.append(_writer(cfg, model, kind, path, dataset.element_spec, attrs))
         # Batches are compressed and written by one thread while the next ones are computed (TensorFlow
         # and h5py release the GIL). At most two wait in its queue, so memory stays flat; a write error
         # surfaces at the next batch, naming the file.
@@ -71,20 +82,22 @@ def run(cfg, recipe, model, dataset=None):
                 if first_batch is None:
                     first_batch = time.perf_counter(), shots  # the first call builds the graph
         out.commit()
-    _log_rate(start, first_batch, shots, paths, shard)
+    return first_batch, shots
 
 
-def _writer(cfg, model, kind, path, shard, element_spec):
-    """The writer of the file `kind` ("txt", "h5" or "npy") at `path`."""
+def _writer(cfg, model, kind, path, element_spec, attrs):
+    """The writer of the file `kind` ("txt", "h5" or "npy") at `path`; `attrs`: the h5 file's root
+    attributes."""
+    shard = shard_of(cfg)
     if kind == "txt":
         return writers.TxtWriter(path)
     if kind == "npy":
         return writers.NpyWriter(path, shard)
     names = config.class_names(cfg)
     if cfg.h5_layout == "stacked":
-        return writers.StackedWriter(path, _stacked_fields(cfg, model, element_spec), names, _attrs(cfg),
+        return writers.StackedWriter(path, _stacked_fields(cfg, model, element_spec), names, attrs,
                                      cfg.h5_compression)
-    return writers.PerShotWriter(path, names, _attrs(cfg), shard, counter_names=tfrecord.is_one_hot_predict(cfg))
+    return writers.PerShotWriter(path, names, attrs, shard, counter_names=tfrecord.is_one_hot_predict(cfg))
 
 
 def _stacked_fields(cfg, model, element_spec):
@@ -104,12 +117,11 @@ def _stacked_fields(cfg, model, element_spec):
     return fields
 
 
-def _attrs(cfg):
-    """The root attributes that record the run."""
-    return {"dataset": cfg.dataset, "load_dir": cfg.load_dir, "network": (
-        f"resnet{cfg.resnet_size}" if cfg.airynet_type == "resnet" else f"vgg{cfg.vgg_size}"),
-        "gradcam": "Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19) of the class logits at layer "
-                   f"{networks.GRADCAM_LAYER}" if cfg.gradcam else "off"}
+def _attrs(cfg, data_kind):
+    """The root attributes that record the run (nn/outputs/provenance.py) and the maps' method."""
+    maps = (f"Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19) of the class logits at layer {networks.GRADCAM_LAYER}"
+            if cfg.gradcam else "off")
+    return {**provenance.attributes(cfg, data_kind), "gradcam": maps}
 
 
 def _rows(result, batch, with_images):
@@ -174,9 +186,8 @@ def merge(predict_dir, dataset_name, num_shards, overwrite=False):
         if missing:
             raise AiryNetError(f"{missing[0]}: missing; every shard of the job must have finished")
     paths = {kind: finals[kind] for kind in kinds}
-    writers.prepare(predict_dir, paths.values(), overwrite)
     merge_fns = {"txt": _merge_txt, "h5": _merge_h5, "npy": _merge_npy}
-    with writers.Outputs([]) as out:
+    with writers.claimed(predict_dir, paths.values(), overwrite), writers.Outputs([]) as out:
         for kind, path in paths.items():
             with writers.writing(partial_name(path)):
                 merge_fns[kind](path, [s[kind] for s in shards], out.writers)

@@ -117,8 +117,9 @@ def test_eval_pictures_count_the_classes_eval_predicted(single_label_run):
     """The plots use eval's rule (the arg-max here), not p >= 0.5: every shot has one predicted class,
     and the counts are eval's own."""
     run_dir, _ = single_label_run
-    _, probs, labels, _, preds = plots.read_scores(run_dir)
-    tp, fp, fn, tn = metrics.confusion_counts(labels, preds).T
+    scores = plots.read_scores(run_dir)
+    probs, preds = scores.probs, scores.preds
+    tp, fp, fn, tn = metrics.confusion_counts(scores.labels, preds).T
     assert (tp + fp).sum() == len(probs) == 8
     np.testing.assert_array_equal(preds, np.eye(3)[probs.argmax(axis=1)] > 0)
     result = json.load(open(os.path.join(run_dir, "eval", "metrics.json")))
@@ -133,8 +134,8 @@ def test_eval_pictures_of_softmax_scores_below_one_half(tmp_path):
     os.makedirs(tmp_path / "eval")
     np.savez(tmp_path / "eval" / "scores.npz", probabilities=probs, labels=labels,
              predictions=np.eye(3, dtype=np.uint8)[probs.argmax(axis=1)], class_names=np.array(["a", "b", "c"]))
-    _, _, labels_read, _, preds = plots.read_scores(str(tmp_path))
-    tp, fp, fn, tn = metrics.confusion_counts(labels_read, preds).T
+    scores = plots.read_scores(str(tmp_path))
+    tp, fp, fn, tn = metrics.confusion_counts(scores.labels, scores.preds).T
     assert (list(tp), list(fn), list(fp)) == ([1, 0, 0], [0, 2, 0], [1, 0, 1])
     assert len(plots.eval_plots(str(tmp_path))) == 2
 

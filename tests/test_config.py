@@ -145,3 +145,29 @@ def test_a_run_saved_by_an_earlier_version_still_loads(tmp_path):
     (tmp_path / config.CONFIG_FILE).write_text(json.dumps(saved))
     with pytest.raises(AiryNetError, match='"fraction": 1.0 is not valid'):
         config.merge_run_config(config.parse_args(["--mode=predict", f"--load_dir={tmp_path}"]), str(tmp_path))
+
+
+def test_a_data_dir_that_a_synthetic_run_would_ignore_is_refused(tmp_path, capsys):
+    """A run trained on --dataset=synthetic predicts simulated shots: an explicit --data_dir without --dataset
+    would be silently ignored, so it is refused with a line saying how to ask for either."""
+    import airynet
+    run = tmp_path / "run"
+    os.makedirs(run)
+    config.save_config(config.parse_args(["--dataset=synthetic"]), str(run))
+    os.makedirs(tmp_path / "mine" / "helium")
+    argv = ["--mode=predict", f"--load_dir={run}", f"--data_dir={tmp_path}/mine/"]
+    assert airynet.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"airynet: error: --data_dir={tmp_path}/mine/: the run in {run} was trained on --dataset=synthetic "
+        f"(simulated shots, no files), so this --data_dir would be ignored; pass --dataset=NAME to read "
+        f"{tmp_path}/mine/NAME/, or --dataset=synthetic for simulated shots\n")
+    mine = f"--data_dir={tmp_path}/mine/"
+    for extra, dataset in (([], "synthetic"), ([mine, "--dataset=helium"], "helium"),
+                           ([mine, "--dataset=synthetic"], "synthetic")):
+        cfg = config.parse_args(["--mode=predict", f"--load_dir={run}", *extra])
+        config.merge_run_config(cfg, str(run))  # the run's data, or what the user asked for explicitly
+        assert cfg.dataset == dataset
+    os.makedirs(tmp_path / "mine" / "synthetic")  # files of the synthetic set written out: they are read
+    cfg = config.parse_args(argv)
+    config.merge_run_config(cfg, str(run))
+    assert (cfg.dataset, cfg.data_dir) == ("synthetic", f"{tmp_path}/mine/")

@@ -19,7 +19,8 @@ from extra_data.tests.mockdata.jungfrau import JUNGFRAUModule
 
 from conftest import make_cfg
 from test_predict import cfg_for, tiny_model
-from nn import predict
+from nn import inference, predict
+from nn.recipe import PAPER
 from nn.config import AiryNetError
 from nn.inputs import cxi, detectors, euxfel
 from nn.inputs.preprocess import preprocess
@@ -220,13 +221,13 @@ def test_prediction_equals_the_network_on_extra_geoms_frames(agipd_run, tmp_path
     frames directly."""
     model = tiny_model()
     cfg = cfg_for(tmp_path, f"--data_dir={os.path.dirname(agipd_run)}/", "--dataset=r0042", "--gradcam=false")
-    predict.run(cfg, model)
+    predict.run(cfg, PAPER, model)
     frames, train_ids, pulse_ids = extra_geom_frames(agipd_run, "AGIPD")
-    expected = predict.make_step(cfg, model, maps=None)(preprocess(tf.constant(frames[..., None]), cfg))
+    expected = inference.make_step(cfg, model, maps=None)(preprocess(tf.constant(frames[..., None]), cfg, PAPER))
     os.makedirs(tmp_path / "cxi")
     AGIPD1M(extra_data.RunDirectory(agipd_run)).write_virtual_cxi(str(tmp_path / "cxi" / "r0042.cxi"))
     from_cxi = cfg_for(tmp_path / "cxi", f"--data_dir={tmp_path}/", "--dataset=cxi", "--gradcam=false")
-    predict.run(from_cxi, model)
+    predict.run(from_cxi, PAPER, model)
     for h5_path in (tmp_path / "pred" / "r0042.h5", tmp_path / "cxi" / "pred" / "cxi.h5"):
         with h5py.File(h5_path, "r") as f:
             np.testing.assert_array_equal(f["bids"][:], train_ids)

@@ -1,5 +1,9 @@
-"""--mode=predict: the txt and both h5 layouts, shards and their merge, refusals, failures, memory."""
+"""--mode=predict: the txt and both h5 layouts and their filters, shards and their merge, refusals, the lock
+on the output name, failures, memory."""
 import os
+import socket
+import subprocess
+import sys
 
 import h5py
 import hdf5plugin
@@ -63,10 +67,12 @@ def read_txt(path):
     return bids, flags, probs
 
 
-def test_txt_and_stacked_h5(tmp_path):
+def test_txt_and_stacked_h5(tmp_path, caplog):
     model, (images, bids) = tiny_model(), shots(10)
     cfg = cfg_for(tmp_path)
+    caplog.set_level("INFO", logger="airynet")
     predict.run(cfg, PAPER, model, predict_dataset(images, bids))
+    assert "Predicted 10 shots in " in caplog.text
     assert sorted(os.listdir(tmp_path / "pred")) == ["helium.h5", "helium.txt"]
     probs = tf.sigmoid(model(images)).numpy()
 
@@ -90,14 +96,48 @@ def test_txt_and_stacked_h5(tmp_path):
         np.testing.assert_allclose(cams, gradcam.gradcam_plus_plus(model, images, "last_block_before_fc"),
                                    atol=1e-3)
         assert "labels" not in f
-        assert f.attrs["h5_compression"] == "zstd" and "import hdf5plugin" in f.attrs["h5_filters"]
-        assert str(hdf5plugin.BLOSC_ID) in f["grad_cam"]._filters and f["grad_cam"].chunks[1:] == (CLASSES, 8, 8)
+        assert f.attrs["h5_compression"] == "gzip" and f.attrs["h5_filters"] == "gzip level 1 + shuffle (standard HDF5 filters)"
+        assert all(f[name].compression == "gzip" and f[name].shuffle for name in ("bids", "probs", "images", "grad_cam"))
+        assert f["grad_cam"].chunks[1:] == (CLASSES, 8, 8)
         assert list(f["grad_cam"].attrs["upsample_to"]) == [SIZE, SIZE]
         # The CXI view of the same data.
         assert f["cxi_version"][()] == 160
         np.testing.assert_array_equal(f["entry_1/result_1/score"][:], f["probs"][:])
         assert [h.decode() for h in f["entry_1/result_1/headings"][:]] == ["0", "1", "2"]
         assert f["entry_1/data_1/data"].shape == (10, SIZE, SIZE, 1)
+
+
+def test_default_file_opens_in_any_hdf5_reader(tmp_path):
+    """The default filters are HDF5's own: a fresh interpreter that never imports hdf5plugin (as HDFView,
+    MATLAB and most users' scripts do not) reads every dataset of the default file."""
+    model, (images, bids) = tiny_model(), shots(6)
+    predict.run(cfg_for(tmp_path), PAPER, model, predict_dataset(images, bids))
+    path = tmp_path / "pred" / "helium.h5"
+    code = ("import sys, h5py, numpy as np\n"
+            "with h5py.File(sys.argv[1], 'r') as f:\n"
+            "    sums = [float(np.sum(f[n][:], dtype=np.float64)) for n in ('bids', 'probs', 'preds', 'images', 'grad_cam')]\n"
+            "assert 'hdf5plugin' not in sys.modules\n"
+            "print(*sums)")
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_PLUGIN_PATH"}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with h5py.File(path, "r") as f:
+        expected = [float(np.sum(f[n][:], dtype=np.float64)) for n in ("bids", "probs", "preds", "images", "grad_cam")]
+    assert [float(v) for v in done.stdout.split()] == pytest.approx(expected, rel=1e-12)
+    assert expected[0] == bids.sum()
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
+def test_other_filters_on_request(tmp_path, compression):
+    model, (images, bids) = tiny_model(), shots(5)
+    predict.run(cfg_for(tmp_path, f"--h5_compression={compression}"), PAPER, model, predict_dataset(images, bids))
+    with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
+        assert f.attrs["h5_compression"] == compression
+        filters = f["images"]._filters
+        assert {"zstd": str(hdf5plugin.BLOSC_ID) in filters, "lz4": str(hdf5plugin.BSHUF_ID) in filters,
+                "none": filters == {}}[compression]
+        np.testing.assert_array_equal(f["images"][:], images)
+        np.testing.assert_allclose(f["probs"][:], tf.sigmoid(model(images)).numpy(), atol=1e-6)
 
 
 def test_per_shot_h5_named_by_bunch_id(tmp_path):
@@ -238,6 +278,62 @@ def test_refuses_to_replace_existing_files(tmp_path):
     assert os.listdir(tmp_path / "pred") == ["helium.h5"]
     predict.run(cfg_for(tmp_path, "--overwrite=true"), PAPER, model, predict_dataset(images, bids))
     assert h5py.is_hdf5(tmp_path / "pred" / "helium.h5")
+
+
+class SecondRunMidway:
+    """A predict dataset that starts `second()`, another run, after its first batch and keeps its error."""
+
+    def __init__(self, dataset, second):
+        self.dataset, self.element_spec, self.second, self.error = dataset, dataset.element_spec, second, None
+
+    def __iter__(self):
+        for i, batch in enumerate(self.dataset):
+            if i == 1:
+                with pytest.raises(AiryNetError) as caught:
+                    self.second()
+                self.error = str(caught.value)
+            yield batch
+
+
+def test_a_second_run_into_the_same_files_refuses_and_the_first_finishes(tmp_path):
+    model, (images, bids) = tiny_model(), shots(12)
+    second = SecondRunMidway(predict_dataset(images, bids), lambda: predict.run(
+        cfg_for(tmp_path, "--overwrite=true", "--h5_layout=per_shot"), PAPER, model, predict_dataset(images, bids)))
+    predict.run(cfg_for(tmp_path), PAPER, model, second)
+    lock = tmp_path / "pred" / "helium.lock"
+    assert second.error.startswith(f"{lock}: another run (host and pid: {socket.gethostname()} {os.getpid()}) "
+                                   f"is writing these files; wait for it to finish or choose another --predict_dir")
+    assert sorted(os.listdir(tmp_path / "pred")) == ["helium.h5", "helium.txt"]  # the lock is gone too
+    assert read_txt(tmp_path / "pred" / "helium.txt")[0] == list(bids)
+    with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
+        np.testing.assert_array_equal(f["bids"][:], bids)
+        np.testing.assert_allclose(f["probs"][:], tf.sigmoid(model(images)).numpy(), atol=1e-6)
+    # The merge of shards writes the same names, under the same lock.
+    for i in range(2):
+        (tmp_path / "pred" / f"helium.shard{i}of2.txt").write_text(writers.TXT_HEADER)
+    with writers.claimed(str(tmp_path / "pred"), [str(tmp_path / "pred" / "helium.txt")], True):
+        with pytest.raises(AiryNetError, match=r"helium\.lock: another run"):
+            predict.merge(str(tmp_path / "pred"), "helium", 2)
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    model, (images, bids) = tiny_model(), shots(4)
+    holder = ("import sys; from nn.outputs import writers\n"
+              "with writers.claimed(sys.argv[1], [sys.argv[1] + '/helium.txt'], False):\n"
+              "    print('locked', flush=True); sys.stdin.read()")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "pred")], cwd=root, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == "locked\n"
+        with pytest.raises(AiryNetError, match=f"another run \\(host and pid: {socket.gethostname()} {child.pid}\\)"):
+            predict.run(cfg_for(tmp_path), PAPER, model, predict_dataset(images, bids))
+    finally:
+        child.kill()  # as a crash would: no cleanup in the holder
+        child.wait(timeout=60)
+    assert os.listdir(tmp_path / "pred") == ["helium.lock"]  # left behind, but no longer locked
+    predict.run(cfg_for(tmp_path), PAPER, model, predict_dataset(images, bids))
+    assert sorted(os.listdir(tmp_path / "pred")) == ["helium.h5", "helium.txt"]
 
 
 def test_crash_mid_run_leaves_no_finished_looking_file(tmp_path):

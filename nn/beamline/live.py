@@ -42,7 +42,7 @@ from nn.beamline.receiver import Receiver
 from nn.config import AiryNetError, first_line
 from nn.files import partial_name
 from nn.inputs import euxfel
-from nn.outputs import writers
+from nn.outputs import provenance, writers
 from nn.outputs.h5out import WriterThread
 from nn.signals import StopSignal
 
@@ -197,7 +197,7 @@ class Files:
         image_shape = (cfg.target_height, cfg.target_width, cfg.target_depth) if cfg.save_images else None
         self.fields = writers.stacked_fields(cfg.num_classes, image_shape, pulses=True)
         self.fields["bids"] = ("int64", (), {"meaning": "train ID"})
-        attrs = {"source": "live", "bridge": cfg.bridge, "load_dir": cfg.load_dir}
+        attrs = {"source": "live", "bridge": cfg.bridge, **provenance.attributes(cfg)}
         try:
             self.txt = writers.TxtWriter(paths["txt"])
             self.h5 = writers.StackedWriter(paths["h5"], self.fields, self.class_names, attrs, cfg.h5_compression,

@@ -52,6 +52,7 @@ def open_run(cfg, directory):
     else:
         opened = SourceRun(run, cfg, pulses, directory)
     log.info("EuXFEL run %s: %s", directory, opened.describe())
+    cfg.detector = opened.detector  # recorded in the prediction files (nn/outputs/provenance.py)
     set_frame_size(cfg, opened.detector)
     return opened
 

@@ -4,10 +4,13 @@ writer thread fed through a bounded queue.
 Compression (--h5_compression), chosen by `scripts/benchmark.py h5` on predict outputs (figures in
 docs/performance.md): the images as fed are bilinearly resized counts, float32 whose low mantissa bits are
 noise, so no lossless filter shrinks them much and the filters differ mostly in speed.
-  zstd  Blosc with Zstandard level 1 after a byte shuffle (the default): about gzip's size, written and read
-        faster. Readers need the filter: `import hdf5plugin` before opening the file in Python.
+  gzip  deflate level GZIP_LEVEL after a byte shuffle (the default): HDF5's standard filters, which every
+        HDF5 reader decodes (h5py without hdf5plugin, HDFView, MATLAB, h5dump). Higher levels cost more
+        time for little size: the noisy mantissas do not compress at any level.
+  zstd  Blosc with Zstandard level 1 after a byte shuffle: about gzip's size, written and read several
+        times faster. Readers need the filter: `import hdf5plugin` before opening the file in Python.
   lz4   Bitshuffle + LZ4: the fastest to write and read, files somewhat larger. Needs hdf5plugin too.
-  gzip  deflate level 1 after a byte shuffle: HDF5's standard filters, readable by every HDF5 tool.
+  none  no filter: the fastest, files of the full size.
 """
 import queue
 import threading
@@ -15,7 +18,8 @@ import threading
 import hdf5plugin  # registers the plugin filters with HDF5, for writing and for reading the files back
 import numpy as np
 
-COMPRESSIONS = ("zstd", "lz4", "gzip")
+COMPRESSIONS = ("gzip", "zstd", "lz4", "none")
+GZIP_LEVEL = 1
 CHUNK_BYTES = 256 << 10  # target size of an HDF5 chunk of the small fields (uncompressed): many shots
                          # per chunk keeps the chunk index, which HDF5 caches in memory, small
 SHOT_BYTES = 16 << 10    # rows this large (images) get chunks of one shot: reading one shot back
@@ -25,18 +29,22 @@ SHOT_BYTES = 16 << 10    # rows this large (images) get chunks of one shot: read
 def filter_options(compression):
     """h5py create_dataset keyword arguments for --h5_compression."""
     if compression == "gzip":
-        return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+        return {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
     if compression == "zstd":
         return dict(hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE))
     if compression == "lz4":
         return dict(hdf5plugin.Bitshuffle(cname="lz4"))
+    if compression == "none":
+        return {}
     raise ValueError(f"unknown compression {compression!r}")
 
 
 def describe(compression):
     """The root attribute that tells a reader what it needs."""
     if compression == "gzip":
-        return "gzip level 1 + shuffle (standard HDF5 filters)"
+        return f"gzip level {GZIP_LEVEL} + shuffle (standard HDF5 filters)"
+    if compression == "none":
+        return "none"
     name = {"zstd": "Blosc zstd level 1 + byte shuffle", "lz4": "bitshuffle + LZ4"}[compression]
     return f"{name} (HDF5 plugin filter: in Python, `import hdf5plugin` before opening the file)"
 
@@ -53,17 +61,18 @@ class WriterThread:
     """Calls write(item) for every put(item), in order, on one background thread.
 
     At most `depth` items wait, so memory stays flat when writing is slower than computing; put() then
-    blocks. An exception raised by write() is raised again by the next put() or by close(), and the items
-    after it are dropped. Use as a context manager: leaving it waits for the writes queued so far, unless
-    it is left by an exception, which stops the thread after the write in progress. `idle`, if given, is
-    called on the thread after every `idle_seconds` without an item (errors as for write)."""
+    blocks. An exception raised by write() is raised again, once, by the next put() or by close(), and
+    every item after it is dropped, so that a file never holds rows written after a failed batch. Use as a
+    context manager: leaving it waits for the writes queued so far, unless it is left by an exception,
+    which stops the thread after the write in progress. `idle`, if given, is called on the thread after
+    every `idle_seconds` without an item (errors as for write)."""
 
     _STOP, _IDLE = object(), object()
 
     def __init__(self, write, depth=2, idle=None, idle_seconds=1.0):
         self.write, self.idle, self.idle_seconds = write, idle, idle_seconds
         self.queue = queue.Queue(depth)
-        self.error = None
+        self.error, self.reported = None, False
         self.abandoned = False  # set when the run stops early: what is still queued is dropped
         self.thread = threading.Thread(target=self._loop, name="airynet-writer", daemon=True)
         self.thread.start()
@@ -83,9 +92,9 @@ class WriterThread:
             return self._IDLE
 
     def _raise(self):
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        if self.error is not None and not self.reported:
+            self.reported = True
+            raise self.error
 
     def put(self, item):
         self._raise()

@@ -4,12 +4,15 @@
   image as fed to the network on a log scale, then a Grad-CAM++ overlay for each predicted class
   (most probable first), titled with the class name and its probability.
 - `eval_plots(run_dir, out_dir)`: from RUN/eval/scores.npz (written by --mode=eval: `probabilities`,
-  `labels` and `predictions` [N, C], `class_names` [C]): per-class confusion counts of the classes eval
-  predicted, by eval's own rule (p >= 0.5, or the arg-max with --single_label) (confusion.png), and
-  precision-recall curves with their average precision (pr_curves.png).
+  `labels` and `predictions` [N, C], `class_names` [C], `decision_rule` and, where classes were decided
+  by thresholds, `thresholds` [C]): per-class confusion counts of the classes eval predicted, by the
+  rule eval used (the run's calibrated thresholds where it has thresholds.json, else p > 0.5, or the
+  arg-max with --single_label), named in the picture (confusion.png), and precision-recall curves with
+  their average precision and eval's decisions marked on them (pr_curves.png).
 
 Figures are built with matplotlib's object API (Figure, no pyplot), which needs no global backend
-choice and draws without a display. Every PNG is written to a temporary name and renamed when complete.
+choice and draws without a display; the *_figure functions return them, the others write PNGs. Every
+PNG is written to a temporary name and renamed when complete.
 """
 import os
 from typing import NamedTuple
@@ -47,7 +50,8 @@ def _save(fig, path, overwrite):
 
 def read_shots(h5_path, count=8, start=0, class_name=None):
     """Up to `count` shots from record `start` on (only those predicted as `class_name`, if given) as
-    (class_names, [{"name", "image" [H, W], "probs" [C], "preds" [C], "maps" [C, h, w] or None}])."""
+    (class_names, [{"name", "image" [H, W], "probs" [C], "preds" [C], "maps" [C, h, w] or None}],
+    the decision thresholds [C] the file records, or None)."""
     try:
         f = h5py.File(h5_path, "r")
     except OSError as e:
@@ -57,6 +61,7 @@ def read_shots(h5_path, count=8, start=0, class_name=None):
         if layout not in ("stacked", "per_shot"):
             raise AiryNetError(f"{h5_path}: not an AiryNet predictions file (no layout attribute)")
         names = [str(n) for n in f.attrs["class_names"]]
+        thresholds = f.attrs.get("thresholds")  # files of earlier versions do not record them
         wanted = None
         if class_name is not None:
             if class_name not in names:
@@ -87,7 +92,7 @@ def read_shots(h5_path, count=8, start=0, class_name=None):
     for shot in shots:
         image = np.asarray(shot["image"], np.float32)
         shot["image"] = image.mean(axis=-1) if image.ndim == 3 else image
-    return names, shots
+    return names, shots, thresholds
 
 
 def _log_norm(image):
@@ -113,7 +118,12 @@ def _overlay(ax, image, norm, cam):
 
 def gallery(h5_path, out_png, count=8, start=0, class_name=None, overwrite=False):
     """Render the gallery PNG (see the module docstring). Returns out_png."""
-    names, shots = read_shots(h5_path, count, start, class_name)
+    return _save(gallery_figure(h5_path, count, start, class_name), out_png, overwrite)
+
+
+def gallery_figure(h5_path, count=8, start=0, class_name=None):
+    """The gallery's Figure: one row of axes per shot."""
+    names, shots, thresholds = read_shots(h5_path, count, start, class_name)
     order = [np.argsort(-s["probs"]) for s in shots]
     shown = [[c for c in o if s["preds"][c]][:MAX_OVERLAYS] or list(o[:1]) for s, o in zip(shots, order)]
     has_maps = shots[0]["maps"] is not None
@@ -131,12 +141,13 @@ def gallery(h5_path, out_png, count=8, start=0, class_name=None, overwrite=False
             continue
         for ax, c in zip(row[1:], classes):
             _overlay(ax, shot["image"], norm, shot["maps"][c])
-            note = "" if shot["preds"][c] else "\n(top class, below 0.5)"
+            note = "" if shot["preds"][c] else "\n(top class, not predicted" + (
+                f": threshold {thresholds[c]:.2f})" if thresholds is not None else ")")
             ax.set_title(f"{names[c]}  p={shot['probs'][c]:.2f}{note}", fontsize=8)
     fig.suptitle(f"{os.path.basename(h5_path)}\nGrad-CAM++ of the predicted classes\n(red to yellow: more "
                  f"evidence)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
-    return _save(fig, out_png, overwrite)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,19 +160,25 @@ class Scores(NamedTuple):
     labels: np.ndarray  # bool [N, C]
     names: list         # [C] class names
     preds: np.ndarray   # bool [N, C], the classes eval predicted
+    rule: str           # how eval decided them (nn.checkpoints.decision_rule)
+    thresholds: np.ndarray | None  # [C] where the classes were decided by thresholds
 
 
 def read_scores(run_dir):
-    """Scores (path, probabilities [N, C], labels bool [N, C], class names, predicted classes bool [N, C])."""
+    """The Scores of the run's last --mode=eval."""
     path = os.path.join(run_dir, "eval", "scores.npz")
     if not os.path.isfile(path):
         raise AiryNetError(f"{path}: missing; run --mode=eval --load_dir={run_dir} first")
     with np.load(path, allow_pickle=False) as z:
         probs, labels = z["probabilities"].astype(np.float64), z["labels"] > 0.5
         names = [str(n) for n in z["class_names"]] if "class_names" in z else list(map(str, range(probs.shape[1])))
-        # Files of earlier versions lack the predictions; they were multi-label, predicted at p >= 0.5.
-        preds = z["predictions"] > 0 if "predictions" in z else probs >= 0.5
-    return Scores(path, probs, labels, names, preds)
+        if "predictions" in z:
+            preds = z["predictions"] > 0
+            rule = str(z["decision_rule"]) if "decision_rule" in z else "eval's rule (not recorded in this file)"
+        else:  # the earliest files: multi-label, decided at p > 0.5
+            preds, rule = probs > 0.5, "probability > 0.5, the original rule"
+        thresholds = z["thresholds"].astype(np.float64) if "thresholds" in z else None
+    return Scores(path, probs, labels, names, preds, rule, thresholds)
 
 
 def precision_recall(scores, labels):
@@ -184,11 +201,13 @@ def eval_plots(run_dir, out_dir=None, overwrite=False):
     """confusion.png and pr_curves.png in out_dir (default RUN/eval). Returns their paths."""
     scores = read_scores(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "eval")
-    return [_confusion_figure(scores, os.path.join(out_dir, "confusion.png"), overwrite),
-            _pr_figure(scores, os.path.join(out_dir, "pr_curves.png"), overwrite)]
+    return [_save(confusion_figure(scores), os.path.join(out_dir, "confusion.png"), overwrite),
+            _save(pr_figure(scores), os.path.join(out_dir, "pr_curves.png"), overwrite)]
 
 
-def _confusion_figure(scores, out_png, overwrite):
+def confusion_figure(scores):
+    """One row per class: TP, FN, FP, TN of eval's predicted classes, then precision, recall, F1 and,
+    where the classes were decided by thresholds, the class's threshold."""
     names = scores.names
     tp, fp, fn, tn = metrics.confusion_counts(scores.labels, scores.preds).T
     counts = np.stack([tp, fn, fp, tn], axis=1)
@@ -196,7 +215,7 @@ def _confusion_figure(scores, out_png, overwrite):
     # classes read alike; good cells (TP, TN) and bad cells (FN, FP) use their own colour maps.
     pos, neg = np.maximum(tp + fn, 1)[:, None], np.maximum(fp + tn, 1)[:, None]
     share = counts / np.concatenate([pos, pos, neg, neg], axis=1)
-    fig = Figure(figsize=(8.5, 0.42 * len(names) + 1.6))
+    fig = Figure(figsize=(9.5, 0.42 * len(names) + 1.8))
     ax = fig.subplots()
     good = np.ma.masked_array(share, mask=np.zeros_like(share, bool) | [[False, True, True, False]])
     bad = np.ma.masked_array(share, mask=np.zeros_like(share, bool) | [[True, False, False, True]])
@@ -212,21 +231,23 @@ def _confusion_figure(scores, out_png, overwrite):
         return " -- " if np.isnan(x) else f"{x:.2f}"
 
     for i in range(len(names)):
-        ax.text(3.6, i, f"P {fmt(precision[i])}   R {fmt(recall[i])}   F1 {fmt(f1[i])}", va="center",
+        threshold = "" if scores.thresholds is None else f"   t {scores.thresholds[i]:.2f}"
+        ax.text(3.6, i, f"P {fmt(precision[i])}   R {fmt(recall[i])}   F1 {fmt(f1[i])}{threshold}", va="center",
                 fontsize=9, family="monospace")
     ax.set_xticks(range(4), ["TP", "FN", "FP", "TN"])
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlim(-0.5, 6.4)
+    ax.set_xlim(-0.5, 7.4)
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     ax.tick_params(length=0)
-    ax.set_title(f"Confusion counts per class of eval's predicted classes ({len(scores.probs)} shots)\n{scores.path}",
-                 fontsize=10)
+    ax.set_title(f"Confusion counts per class of eval's predicted classes ({len(scores.probs)} shots)\n"
+                 f"decided by {scores.rule}\n{scores.path}", fontsize=9, wrap=True)
     fig.tight_layout()
-    return _save(fig, out_png, overwrite)
+    return fig
 
 
-def _pr_figure(scores, out_png, overwrite):
+def pr_figure(scores):
+    """Each class's precision-recall curve, with eval's decisions on it as a dot."""
     fig = Figure(figsize=(10, 6))
     ax = fig.subplots()
     colours = matplotlib.colormaps["tab10"].colors
@@ -238,7 +259,8 @@ def _pr_figure(scores, out_png, overwrite):
             ax.plot([], [], **style, label=f"{name}: no positives")
             continue
         precision, recall, ap = curve
-        ax.step(recall, precision, where="post", lw=1.6, **style, label=f"{name} (AP {ap:.2f})")
+        threshold = "" if scores.thresholds is None else f", t {scores.thresholds[c]:.2f}"
+        ax.step(recall, precision, where="post", lw=1.6, **style, label=f"{name} (AP {ap:.2f}{threshold})")
         tp, fp, fn, _ = metrics.confusion_counts(scores.labels[:, c], scores.preds[:, c])
         if tp + fp:  # the operating point of eval's predicted classes
             ax.plot(tp / (tp + fn), tp / (tp + fp), "o", color=style["color"], ms=5)
@@ -248,9 +270,10 @@ def _pr_figure(scores, out_png, overwrite):
     ax.set_ylabel("precision")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_title(f"Precision-recall per class (dots: eval's predicted classes)\n{scores.path}", fontsize=10)
+    ax.set_title(f"Precision-recall per class (dots: eval's predicted classes, decided by {scores.rule})\n"
+                 f"{scores.path}", fontsize=9, wrap=True)
     fig.tight_layout()
-    return _save(fig, out_png, overwrite)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,10 +5,16 @@ and by --mode=live.
 Every writer writes to the partial name of its file (nn/files.py): write(batch) appends one batch of
 rows, a dict of numpy arrays [B, ...] named as the stacked file names them ("bids", "probs", "preds",
 "images", ...); close() completes the file. `Outputs` gives a set of files their final names only when
-all of them are complete. The HDF5 filters, chunk shapes and the writer thread are nn/outputs/h5out.py's.
+all of them are complete, and `claimed` keeps a second run from writing the same names meanwhile. The
+HDF5 filters, chunk shapes and the writer thread are nn/outputs/h5out.py's; the root attributes that
+record the run, nn/outputs/provenance.py's.
 """
 import contextlib
+import errno
+import fcntl
+import logging
 import os
+import socket
 import time
 
 import h5py
@@ -17,6 +23,8 @@ import numpy as np
 from nn.config import AiryNetError, first_line
 from nn.files import partial_name
 from nn.outputs import h5out
+
+log = logging.getLogger("airynet")
 
 TXT_HEADER = "Bunch_ID:\tClasses:\tProbabilities:\n"
 CXI_VERSION = 160
@@ -35,14 +43,92 @@ def output_paths(predict_dir, dataset_name, shard=(0, 1), save_npy=False):
 
 def prepare(directory, paths, overwrite):
     """Create `directory` (--predict_dir) and refuse to replace any of `paths` unless told to."""
+    _make_directory(directory)
+    _refuse_existing(paths, overwrite)
+
+
+@contextlib.contextmanager
+def claimed(directory, paths, overwrite):
+    """prepare() under the lock of the output name (`{name}.lock` beside the files: `paths` share one
+    name), held until the block ends, so that a second run writing the same files refuses at start
+    instead of both overwriting each other's partial files. The existing files are checked under the
+    lock: a run that finished a moment ago has its files in place by then."""
+    paths = list(paths)
+    _make_directory(directory)
+    with _locked(os.path.splitext(paths[0])[0] + ".lock"):
+        _refuse_existing(paths, overwrite)
+        yield
+
+
+def _make_directory(directory):
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise AiryNetError(f"--predict_dir={directory}: cannot create it ({e.strerror})") from e
+
+
+def _refuse_existing(paths, overwrite):
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         raise AiryNetError(f"{existing[0]}: exists; pass --overwrite=true to replace it or choose another "
                            f"--predict_dir")
+
+
+# Errors of flock(2) on file systems that do not support it (some network file systems).
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """An exclusive flock(2) on `path` (created if missing, removed at the end) for the block. The kernel
+    releases it when its process dies however it dies, so a lock file left by a crash is taken over by
+    the next run; a lock held by a live process is refused with its holder's host and pid."""
+    fd = _lock(path)
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # while still locked, so that nobody takes over a file about to go
+        os.close(fd)
+
+
+def _lock(path):
+    """The descriptor of `path`, locked; None where the file system has no locks."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise AiryNetError(f"{path}: cannot create the lock file ({e.strerror})") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AiryNetError(f"{path}: another run (host and pid: {holder}) is writing these files; wait "
+                               f"for it to finish or choose another --predict_dir") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in _NO_LOCKS:
+                raise AiryNetError(f"{path}: cannot lock it ({e.strerror})") from e
+            log.warning("%s: the file system does not support locks (%s); a second run writing the same files "
+                        "would not be stopped", path, e.strerror)
+            return None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # locked a file that its last holder removed meanwhile: lock the new one
+
+
+def _same_file(fd, path):
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 class Outputs:
