@@ -125,7 +125,7 @@ def build_parser():
                    help="paper: the original's training, unchanged. modern: warm-up and cosine decay, decoupled "
                         "weight decay, an average of the weights for inference, faster batch-norm averages, "
                         "area downsampling, rare classes weighted up, rotations, shifts and intensity scaling "
-                        "(README, How well it learns).")
+                        "(docs/results.md).")
     g.add_argument("--recipe_without", type=str, default="",
                    help="Comma-separated pieces of --recipe=modern to leave out, for ablations: schedule, "
                         "weight_decay, ema, bn_momentum, area, pos_weight, augment.")

@@ -386,7 +386,7 @@ def records(readers, cfg, split, one_pass):
     if not one_pass:
         ds = ds.shuffle(len(slabs), seed=cfg.random_seed)
     # One reader thread, ahead of the consumer: h5py serialises every HDF5 call under one lock, so
-    # more slabs in flight only fight over that lock and the GIL (README, Performance).
+    # more slabs in flight only fight over that lock and the GIL (docs/performance.md).
     ds = ds.map(read, num_parallel_calls=1, deterministic=True).unbatch()
     if split is not None:  # one file set for all modes: hold out every eval_every-th shot
         held_out = lambda shot: tf.equal(shot["index"] % cfg.eval_every, cfg.eval_every - 1)

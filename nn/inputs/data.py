@@ -223,9 +223,9 @@ def dataset(cfg, recipe, mode, *, shard=(0, 1), one_pass=None, input_context=Non
 
 
 # Parallelism and prefetch are set above, and tf.data's autotuning is off. Its thread sleeps for doubling
-# periods (10 ms, 20 ms, ..., seconds) and an iterator's teardown waits for its next wake-up: a predict run
-# that finished just after 10.2 s ended at 20.5 s, one of 2,000 shots at 41 s, in half the runs (the
-# "half-speed mode"; scripts/benchmark.py repeat), and every eval during training paid the same wait.
+# periods, up to seconds, and an iterator's teardown waits for its next wake-up: short predict runs took
+# up to twice their time in half the runs, and every eval during training paid the same wait
+# (docs/performance.md; scripts/benchmark.py repeat).
 FIXED_PARALLELISM = tf.data.Options()
 FIXED_PARALLELISM.autotune.enabled = False
 

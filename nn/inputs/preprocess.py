@@ -22,7 +22,7 @@ def random_flips(images, seed):
     In effect tf.image.stateless_random_flip_left_right/_up_down, written for gray batches: on a CPU,
     tf.reverse along the width of [N, H, W, 1] is much slower than along the last axis of the same data
     seen as [N, H, W], and the up-down flip is a gather of whole rows instead of a reverse plus a select
-    (README, Performance)."""
+    (docs/performance.md)."""
     flip_ud, flip_lr = tf.unstack(tf.random.stateless_uniform([2, tf.shape(images)[0]], seed) < 0.5)
     gray = images.shape[-1] == 1
     if gray:
@@ -63,7 +63,7 @@ def resize(images, height, width):
     where the period is at most 16 input pixels (longer ones make the products large and mostly zeros).
     That beats tf.image.resize's per-pixel kernel on a CPU. Larger shrinks (1024 -> 224) read a fraction
     of the pixels, and tf.image.resize, fed the stored integers directly, is the faster way there; so
-    also for RGB and enlarging (README, Performance)."""
+    also for RGB and enlarging (docs/performance.md)."""
     n_in = images.shape[1:3]
     periods = [bilinear_period(a, b) for a, b in zip(n_in, (height, width)) if b <= a < 2 * b]
     if images.shape[-1] != 1 or len(periods) < 2 or max(w.shape[0] for w in periods) > 16:

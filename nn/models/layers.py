@@ -19,8 +19,8 @@ GRADCAM_LAYER = "last_block_before_fc"
 
 # XLA-compiled in every mode, whatever --jit_compile says (the flag's help and the startup log say so):
 # XLA fuses the five element-wise ops into one pass over the stem's feature map, the network's largest
-# (64 x 112 x 112 per image at 224 px), instead of five; prediction and training gain a little (README,
-# Performance), and the function is small enough to compile in well under a second.
+# (64 x 112 x 112 per image at 224 px), instead of five; prediction and training gain a little
+# (docs/performance.md), and the function is small enough to compile quickly.
 @tf.function(jit_compile=True)
 @tf.custom_gradient
 def _signed_log1p_e(x):
@@ -90,10 +90,10 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     tf.layers.batch_normalization(fused=True) was.
 
     Keras 3 computes the batch moments and the normalisation as separate ops, forward and backward; the
-    fused kernel does each in one pass over the feature map: one layer's forward and backward pass took
-    half the time, a ResNet-18 training step about 7% less (README, Performance). The variables, the
-    moving-average rule (biased batch variance) and inference (Keras' own path; the fused kernel was no
-    faster there) are those of the parent class, so checkpoints are interchangeable.
+    fused kernel does each in one pass over the feature map, which makes training steps faster
+    (docs/performance.md). The variables, the moving-average rule (biased batch variance) and inference
+    (Keras' own path; the fused kernel gained nothing there) are those of the parent class, so checkpoints
+    are interchangeable.
     """
 
     def call(self, inputs, training=None, mask=None):
