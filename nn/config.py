@@ -205,8 +205,10 @@ def build_parser():
     g.add_argument("--bridge_socket", type=str, default="REQ", choices=("REQ", "SUB", "PULL"),
                    help="Socket type of --bridge: REQ for a REP server, SUB for PUB, PULL for PUSH.")
     g.add_argument("--bridge_source", type=str, default="",
-                   help="Source holding the images (default: the first source with an image key, e.g. "
-                        "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output); also for EuXFEL run directories.")
+                   help="Source holding the images, or the name of a detector whose modules come as one source "
+                        "each, e.g. SPB_DET_AGIPD1M-1 (default: the first such detector, else the first source with "
+                        "an image key, e.g. SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output); also for EuXFEL run "
+                        "directories.")
     g.add_argument("--bridge_key", type=str, default="",
                    help="Key of the images in the source (default: data.image or image.data).")
     g.add_argument("--geometry", type=str, default="",
@@ -214,8 +216,8 @@ def build_parser():
                         "geometry of AGIPD1M, LPD1M, DSSC1M, JUNGFRAU or pnCCD).")
     g.add_argument("--pulses", type=str, default="",
                    help="Frames (pulses, memory cells) of each train to classify, by their index in the train: "
-                        "START:STOP[:STEP] or a comma list such as 0,2,4 (default: all). EuXFEL run directories "
-                        "and virtual CXI files.")
+                        "START:STOP[:STEP] or a comma list such as 0,2,4 (default: all). Live mode, EuXFEL run "
+                        "directories and virtual CXI files.")
     g.add_argument("--publish", type=str, default="",
                    help="Endpoint to publish the results on in the Karabo bridge protocol, e.g. tcp://*:4600.")
     g.add_argument("--publish_socket", type=str, default="REP", choices=("REP", "PUB", "PUSH"),

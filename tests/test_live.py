@@ -6,6 +6,7 @@ replaying a mock run directory. Every loop is bounded (--live_seconds, timeouts)
 Where a test needs an order of events (a client that comes late, a classifier slower than the source),
 the test makes it with events, not with waits.
 """
+import contextlib
 import glob
 import os
 import re
@@ -27,7 +28,7 @@ import airynet
 from nn.beamline import live as live_module
 from nn.beamline.classifier import Classifier
 from nn.beamline.publisher import Publisher
-from nn.beamline.receiver import Receiver
+from nn.beamline.receiver import NewestTrains
 from nn.inputs import simulate
 from nn.outputs import h5out, writers
 
@@ -294,7 +295,7 @@ def test_sub_slow_consumer_drops_whole_trains(run_dir, tmp_path, caplog, monkeyp
     """One shot per batch, and each batch takes as long as three trains take to arrive: of the trains that
     came meanwhile only the newest is classified, the older ones are dropped whole."""
     arrived, kept = threading.Condition(), []
-    keep, classify = Receiver._keep, Classifier.classify
+    keep, classify = NewestTrains.keep, Classifier.classify
 
     def counting_keep(self, train):
         keep(self, train)
@@ -308,7 +309,7 @@ def test_sub_slow_consumer_drops_whole_trains(run_dir, tmp_path, caplog, monkeyp
             assert arrived.wait_for(lambda: len(kept) >= target, timeout=30)
         return classify(self, trains)
 
-    monkeypatch.setattr(Receiver, "_keep", counting_keep)
+    monkeypatch.setattr(NewestTrains, "keep", counting_keep)
     monkeypatch.setattr(Classifier, "classify", slow_classify)
     bridge = f"tcp://127.0.0.1:{free_port()}"
     with Feeder(bridge, "PUB", simulated(), interval=0.005):
@@ -444,6 +445,22 @@ def test_frames_enter_tensorflow_in_place_where_aligned():
         assert float(tf.reduce_sum(copied)) == float(other.sum())
 
 
+@contextlib.contextmanager
+def serving(directory):
+    """`karabo-bridge-serve-files` replaying the run `directory` (REP, one message per train): its endpoint."""
+    port = free_port()
+    server = subprocess.Popen(["karabo-bridge-serve-files", str(directory), f"tcp://127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        # Started once it says so (it has bound its socket): no request times out while it starts.
+        assert select.select([server.stdout], [], [], 60)[0] and "Streamer started" in server.stdout.readline()
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_replay_of_a_run_gives_the_offline_probabilities(run_dir, tmp_path, caplog):
     """The same run directory, predicted offline and replayed through karabo-bridge-serve-files live.
 
@@ -458,18 +475,8 @@ def test_replay_of_a_run_gives_the_offline_probabilities(run_dir, tmp_path, capl
         np.testing.assert_array_equal(f["bids"][:], 7000 + np.arange(10))
         np.testing.assert_array_equal(f["pulses"][:], 0)
         offline = dict(zip(f["bids"][:], f["probs"][:]))
-    port = free_port()
-    server = subprocess.Popen(["karabo-bridge-serve-files", str(tmp_path / "data" / "r0042"),
-                               f"tcp://127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        # Started once it says so (it has bound its socket): no request times out while it starts.
-        assert select.select([server.stdout], [], [], 60)[0] and "Streamer started" in server.stdout.readline()
-        assert live(run_dir, tmp_path / "live", f"--bridge=tcp://127.0.0.1:{port}", "--live_trains=9",
-                    "--live_seconds=40") == 0
-    finally:
-        server.kill()
-        server.wait()
+    with serving(tmp_path / "data" / "r0042") as bridge:
+        assert live(run_dir, tmp_path / "live", f"--bridge={bridge}", "--live_trains=9", "--live_seconds=40") == 0
     assert summary(caplog.text) == (10, 9, 1)
     with h5py.File(only(tmp_path / "live", "*.h5"), "r") as f:
         live_probs = dict(zip(f["bids"][:], f["probs"][:]))
@@ -478,16 +485,100 @@ def test_replay_of_a_run_gives_the_offline_probabilities(run_dir, tmp_path, capl
         np.testing.assert_allclose(probs, offline[train_id], atol=1e-5)
 
 
+def network_on_frames(run_dir, frames):
+    """(probabilities, classes) of the run's network on detector frames [N, H, W], preprocessed as predict
+    does."""
+    import tensorflow as tf
+    from nn.inference import make_step
+    from nn.inputs.preprocess import preprocess
+    cfg, recipe, model = restored(run_dir)
+    cfg.ori_height, cfg.ori_width, cfg.ori_depth = *frames.shape[1:], 1
+    step = make_step(cfg, model, maps=None)
+    outs = [step(preprocess(tf.constant(frames[i:i + 16, ..., None]), cfg, recipe)) for i in range(0, len(frames), 16)]
+    return (np.concatenate([out["probabilities"].numpy() for out in outs]),
+            np.concatenate([out["classes"].numpy() for out in outs]))
+
+
+def restored(run_dir):
+    """The run's config, recipe and model, as --mode=predict restores them."""
+    from nn import checkpoints, config, recipe
+    cfg = config.parse_args(["--mode=predict", f"--load_dir={run_dir}"])
+    config.merge_run_config(cfg, run_dir)
+    resolved = recipe.resolve(cfg)
+    model, _ = checkpoints.restore_model(cfg, resolved)
+    return cfg, resolved, model
+
+
+@pytest.fixture(scope="module")
+def agipd_run(tmp_path_factory):
+    """An AGIPD-1M CORR run as the facility writes it, one source per module (tests/test_modular.py): 3 trains
+    of 16 pulses, 10000-10002."""
+    from test_modular import write_xtdf_run
+    return write_xtdf_run(str(tmp_path_factory.mktemp("agipd") / "r0042"), "AGIPD", trains=3, pulses=16)
+
+
+@pytest.fixture(scope="module")
+def agipd_offline(run_dir, agipd_run, tmp_path_factory):
+    """--mode=predict on the AGIPD run directory: {(train ID, pulse ID): (probabilities, classes)}."""
+    out = tmp_path_factory.mktemp("agipd_offline")
+    assert airynet.main(["--mode=predict", f"--load_dir={run_dir}", f"--data_dir={os.path.dirname(agipd_run)}/",
+                         "--dataset=r0042", f"--predict_dir={out}", "--gradcam=false"]) == 0
+    return rows_by_shot(out / "r0042.h5")
+
+
+def rows_by_shot(h5_path):
+    """{(train ID, pulse ID): (probabilities, classes)} of a prediction file."""
+    with h5py.File(h5_path, "r") as f:
+        return {(int(b), int(p)): (probs, classes)
+                for b, p, probs, classes in zip(f["bids"][:], f["pulses"][:], f["probs"][:], f["preds"][:])}
+
+
+def assert_same_results(got, expected):
+    for shot, (probs, classes) in got.items():
+        np.testing.assert_allclose(probs, expected[shot][0], atol=1e-4, err_msg=str(shot))
+        np.testing.assert_array_equal(classes, expected[shot][1], err_msg=str(shot))
+
+
+def test_replayed_modular_run_is_classified_as_extra_geom_assembles_it(run_dir, agipd_run, agipd_offline, tmp_path,
+                                                                       caplog):
+    """karabo-bridge-serve-files sends each train's 16 module sources in one message, as a TrainMatcher does:
+    one shot per pulse, the frame EXtra-geom assembles from EXtra-data's array of the same run, fed through the
+    same network; the same as --mode=predict on the run directory. The first train waits for the set-up."""
+    from test_modular import extra_geom_frames
+    with serving(agipd_run) as bridge:
+        assert live(run_dir, tmp_path, f"--bridge={bridge}", "--live_trains=2", "--live_seconds=40") == 0
+    assert summary(caplog.text) == (48, 32, 16)
+    assert "Classifying AGIPD1M SPB_DET_AGIPD1M-1, 16 of 16 modules (image.data), all pulses; frames 1256x1092 " \
+           "assembled with EXtra-geom AGIPD_1MGeometry" in caplog.text
+    ours = rows_by_shot(only(tmp_path, "*.h5"))
+    assert list(ours) == [(train_id, pulse) for train_id in (10001, 10002) for pulse in range(16)]
+    frames, train_ids, pulse_ids = extra_geom_frames(agipd_run, "AGIPD")
+    probs, classes = network_on_frames(run_dir, frames)
+    expected = {(int(b), int(p)): row for b, p, *row in zip(train_ids, pulse_ids, probs, classes)}
+    assert_same_results(ours, expected)
+    assert_same_results(ours, agipd_offline)
+    # The check can tell shots apart: the network's outputs differ from pulse to pulse.
+    assert len({tuple(np.round(p, 3)) for p, _ in ours.values()}) > 1
+
+
+def test_pulses_are_selected_live_as_offline(run_dir, agipd_run, agipd_offline, tmp_path):
+    """Four frames a train, a whole batch of --batch_size=4: with REQ, a train smaller than a batch would
+    have the next one requested to fill it, and that one would push it out as the newer."""
+    with serving(agipd_run) as bridge:
+        assert live(run_dir, tmp_path, f"--bridge={bridge}", "--live_trains=2", "--pulses=1:16:4",
+                    "--live_seconds=40") == 0
+    ours = rows_by_shot(only(tmp_path, "*.h5"))
+    assert list(ours) == [(train_id, pulse) for train_id in (10001, 10002) for pulse in (1, 5, 9, 13)]
+    assert_same_results(ours, agipd_offline)
+
+
 CAMERA = "SQS_TEST_CAM/DATA:output"  # no known detector: its (pulses, H, W) arrays are stacks of frames
 
 
 def offline_outputs(run_dir, images):
     """The run's network on `images` (as fed), offline: probabilities and maps at layer resolution."""
-    from nn import checkpoints, config, recipe
     from nn.inference import make_step
-    cfg = config.parse_args(["--mode=predict", f"--load_dir={run_dir}"])
-    config.merge_run_config(cfg, run_dir)
-    model, _ = checkpoints.restore_model(cfg, recipe.resolve(cfg))
+    cfg, _, model = restored(run_dir)
     out = make_step(cfg, model, maps="layer")(images)
     return out["probabilities"].numpy(), out["grad_cam"].numpy()
 

@@ -15,7 +15,9 @@ import zmq
 
 from nn.beamline import live
 from nn.beamline.live import Results, Stats
-from nn.beamline.receiver import Receiver, Train
+from nn.beamline.receiver import Receiver, Train, Unpacker
+from nn.config import AiryNetError
+from nn.inputs import detectors
 
 PNCCD = "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output"
 CAMERA = "SQS_TEST_CAM/DATA:output"
@@ -146,3 +148,93 @@ def test_status_lines_cover_the_interval_since_the_last_and_one_comes_after_a_st
                      "(train ID gaps), latency p50 12.00 s p99 12.00 s | a 100%, b 100%",
                      "live, last 5 s: in 2.0 frames/s, processed 1.0 frames/s, dropped 5 trains, missed 0 "
                      "(train ID gaps), latency p50 1.00 s p99 1.00 s | a 100%, b 100%"]
+
+
+AGIPD = "SPB_DET_AGIPD1M-1"
+
+
+def agipd_message(train_id, modules, stage="CORR", pulses=3):
+    """One train of AGIPD-1M as a TrainMatcher sends it, one source per module; module m's pixels hold
+    m + 1 + the pulse's index, so every module and pulse differs. RAW (DET) modules interleave data and gain."""
+    channel = "output" if stage == "CORR" else "xtdf"
+    shape = (pulses, 512, 128) if stage == "CORR" else (pulses, 2, 512, 128)
+    data, meta = {}, {}
+    for m in modules:
+        source = f"{AGIPD}/{stage}/{m}CH0:{channel}"
+        values = (m + 1 + np.arange(pulses)).reshape(-1, *[1] * (len(shape) - 1)) * np.ones(shape)
+        data[source] = {"image.data": values.astype(np.float32 if stage == "CORR" else np.uint16),
+                        "image.pulseId": np.arange(pulses, dtype=np.uint64) * 8}
+        meta[source] = {"timestamp.tid": train_id}
+    return data, meta
+
+
+def test_modules_missing_in_a_message_are_zero_and_each_message_brings_its_own(caplog):
+    """Modules gathered by their number in the source names: one missing in a message is 0 in its frames
+    (EXtra-geom's assembly with NaN there), a module missing in the first message is taken once it comes.
+    Another channel of the same devices (the correction's preview) is not a module; --pulses picks frames."""
+    import extra_geom
+    caplog.set_level(logging.INFO, logger="airynet")
+    unpacker = Unpacker(pulses=detectors.parse_pulses("1:"))
+    receiver = Receiver("tcp://127.0.0.1:1", "SUB", capacity=100, unpacker=unpacker)
+    first = agipd_message(7, [m for m in range(16) if m not in (3, 9)])
+    first[0][f"{AGIPD}/CORR/3CH0:preview"] = {"image.data": np.full((512, 128), -1, np.float32)}
+    receiver._accept(*first, received=time.monotonic())
+    receiver._accept(*agipd_message(8, [m for m in range(16) if m != 9]), received=time.monotonic())
+    trains = receiver.take(timeout=0)
+    assert "Classifying AGIPD1M SPB_DET_AGIPD1M-1, 14 of 16 modules (image.data), pulses 1:; frames 1256x1092" \
+           in caplog.text
+    assert [t.train_id for t in trains] == [7, 8] and all(list(t.pulses) == [8, 16] for t in trains)
+    geometry = extra_geom.AGIPD_1MGeometry.example()
+    for train, missing in zip(trains, ([3, 9], [9])):
+        assert train.array.shape == (2, 16, 512, 128)
+        assert np.isnan(train.array[:, missing]).all() and not np.isnan(np.delete(train.array, missing, 1)).any()
+        present = [m for m in range(16) if m not in missing]
+        np.testing.assert_array_equal(train.array[:, present, 0, 0], 1 + np.add.outer([1, 2], present))
+        assembled, _ = geometry.position_modules(train.array)
+        np.testing.assert_array_equal(receiver.detector.frames(train.array), np.nan_to_num(assembled, nan=0.0))
+    receiver._accept({"SA1_XTD2_XGM/XGM/DOOCS:output": {"data.intensityTD": np.ones(4)}}, {}, time.monotonic())
+    assert receiver.skipped == {"no module of SPB_DET_AGIPD1M-1": 1}
+
+
+def test_raw_modules_stop_the_run_with_one_line(monkeypatch):
+    """RAW data is what the bridge sends, not one bad message: the reading thread stops, and the main thread
+    raises the line offline raises, naming the bridge."""
+    class RawBridge:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def next(self):
+            return agipd_message(7, range(16), stage="DET")
+
+    monkeypatch.setattr(karabo_bridge, "Client", RawBridge)
+    receiver = Receiver("tcp://127.0.0.1:1", "SUB", capacity=4)
+    receiver.run()  # in this thread: it returns on the error
+    with pytest.raises(AiryNetError) as error:
+        receiver.wait_for_detector(until=lambda: False)
+    assert str(error.value) == (
+        "--bridge=tcp://127.0.0.1:1: SPB_DET_AGIPD1M-1/DET/0CH0:xtdf image.data: RAW data (shape (3, 2, 512, 128): "
+        "data and gain interleaved); the run must be corrected first: classify its CORR files (the proposal's "
+        "proc/ folder)")
+
+
+def test_pulses_pick_the_frames_of_one_source(caplog):
+    """--pulses for a detector in one source: a stack keeps the chosen frames and their pulse IDs; a train
+    of one frame that --pulses leaves out is skipped."""
+    stack = np.arange(4 * 16 * 16, dtype=np.float32).reshape(4, 16, 16)
+    data = {CAMERA: {"data.image": stack, "data.pulseId": np.array([10, 20, 30, 40])}}
+    receiver = Receiver("tcp://127.0.0.1:1", "SUB", capacity=8,
+                        unpacker=Unpacker(pulses=detectors.parse_pulses("1,3")))
+    receiver._accept(data, {CAMERA: {"timestamp.tid": 5}}, received=time.monotonic())
+    (train,) = receiver.take(timeout=0)
+    np.testing.assert_array_equal(train.array, stack[[1, 3]])
+    assert list(train.pulses) == [20, 40] and receiver.detector.count(train.array) == 2
+    receiver = Receiver("tcp://127.0.0.1:1", "SUB", capacity=8, unpacker=Unpacker(pulses=detectors.parse_pulses("1:")))
+    for train_id in (1, 2):
+        receiver._accept(*pnccd_train(train_id), received=time.monotonic())
+    assert receiver.take(timeout=0) == [] and receiver.skipped == {"no frames of pulses 1:": 2}

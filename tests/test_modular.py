@@ -281,6 +281,30 @@ def test_module_sources_gather_a_bridge_message():
     assert "RAW data (shape (3, 2, 5, 3): data and gain interleaved)" in one_line_error(lambda: modules.stack(message))
 
 
+def test_module_sources_are_found_by_their_names():
+    """What live mode finds in one bridge message: a detector's modules by the numbers in their source names
+    (JUNGFRAU's from 1), corrected (CORR) sources over DET ones, only the channels that carry frames."""
+    agipd, jungfrau = "SPB_DET_AGIPD1M-1", "SPB_IRDA_JF4M"
+    message = {**{f"{agipd}/CORR/{m}CH0:output": {} for m in (2, 0, 11)},
+               **{f"{agipd}/DET/{m}CH0:xtdf": {} for m in range(16)},
+               f"{agipd}/CORR/5CH0:preview": {}, f"{agipd}/CORR/5CH0": {},
+               f"{jungfrau}/DET/JNGFR01:daqOutput": {}, f"{jungfrau}/DET/JNGFR03:daqOutput": {},
+               "SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output": {}}
+    found = detectors.find_modules(message)
+    assert (found.detector, found.kind, found.key, found.n_modules, found.module_shape) == (
+        agipd, "AGIPD1M", "image.data", 16, (512, 128))
+    assert found.positions == tuple((f"{agipd}/CORR/{m}CH0:output", m) for m in (0, 2, 11))
+    for name in (jungfrau, f"{jungfrau}/DET/JNGFR03:daqOutput"):
+        found = detectors.find_modules(message, source=name, pulses=detectors.parse_pulses("1:"))
+        assert (found.kind, found.key, found.n_modules, found.module_shape) == ("JUNGFRAU", "data.adc", 3, (512, 1024))
+        assert found.positions == ((f"{jungfrau}/DET/JNGFR01:daqOutput", 0), (f"{jungfrau}/DET/JNGFR03:daqOutput", 2))
+        assert found.pulses == detectors.parse_pulses("1:")
+    raw = {source: {} for source in message if "/DET/" in source}
+    assert [index for _, index in detectors.find_modules(raw, source=agipd).positions] == list(range(16))
+    assert detectors.find_modules(message, source="SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output") is None
+    assert detectors.find_modules({"SQS_NQS_PNCCD1MP/CAL/PNCCD_FMT-0:output": {}}) is None
+
+
 def test_parse_pulses():
     pick = lambda text, n=10: list(detectors.parse_pulses(text).pick(n))
     assert pick("") == pick(":") == pick("::") == list(range(10))

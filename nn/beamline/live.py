@@ -38,10 +38,10 @@ import numpy as np
 from nn import config
 from nn.beamline.classifier import Classifier
 from nn.beamline.publisher import Publisher
-from nn.beamline.receiver import Receiver
+from nn.beamline.receiver import Receiver, Unpacker
 from nn.config import AiryNetError, first_line
 from nn.files import partial_name
-from nn.inputs import euxfel
+from nn.inputs import detectors, euxfel
 from nn.outputs import provenance, writers
 from nn.outputs.h5out import WriterThread
 from nn.signals import StopSignal
@@ -61,8 +61,8 @@ def run(cfg, recipe, model):
     """Classify bridge trains until --live_trains, --live_seconds or a signal; returns 0."""
     names = config.class_names(cfg)
     files = Files(cfg, names)
-    receiver = Receiver(cfg.bridge, cfg.bridge_socket, capacity=cfg.batch_size, source=cfg.bridge_source,
-                        key=cfg.bridge_key, geometry=cfg.geometry)
+    unpacker = Unpacker(cfg.bridge_source, cfg.bridge_key, cfg.geometry, detectors.parse_pulses(cfg.pulses))
+    receiver = Receiver(cfg.bridge, cfg.bridge_socket, capacity=cfg.batch_size, unpacker=unpacker)
     stats = Stats(names)
     publisher = None
     try:

@@ -15,13 +15,16 @@ shape test it passes:
 Gaps between modules (NaN after assembly) become 0, as for photon counts no signal was measured there.
 
 Facility runs keep a modular detector's modules in one source each (`SPB_DET_AGIPD1M-1/CORR/{m}CH0:output`
-holding (pulses, 512, 128); JUNGFRAU `.../DET/JNGFR{m}:daqOutput` holding (memory cells, 512, 1024)). Such a
-source alone is never taken as shots (its pulses would pass for modules): ModuleSources gathers a train's
-modules by module number into the file layout (pulses, modules, ss, fs), which a Detector then assembles.
-Memory cells are pulses. `--pulses` (parse_pulses) picks a train's frames by their index in the train.
+holding (pulses, 512, 128); JUNGFRAU `.../DET/JNGFR{m}:daqOutput` holding (memory cells, 512, 1024)), and a
+TrainMatcher sends them so too, all of a train's modules in one bridge message. Such a source alone is never
+taken as shots (its pulses would pass for modules): ModuleSources gathers a train's modules by module number
+into the file layout (pulses, modules, ss, fs), which a Detector then assembles; find_modules finds them in a
+bridge message by their names. Memory cells are pulses. `--pulses` (parse_pulses) picks a train's frames by
+their index in the train.
 """
+import collections
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -78,6 +81,13 @@ class Layout:
         array = array.transpose(sorted(range(array.ndim), key=lambda i: AXIS_ORDER.index(self.axes[i])))
         return array if self.has_pulses else array[None]
 
+    def take(self, array, indices):
+        """`array` with only its frames `indices` (sorted, as Pulses.pick gives them), in this layout. An
+        array without pulses is one frame, and comes back as it is."""
+        if not self.has_pulses or len(indices) == self.count(array):
+            return array
+        return np.take(array, indices, axis=self.axes.index("pulses"))
+
     def frames(self, array, out=None, geometry=None):
         """float32 [N, H, W] with NaN (masked pixels, gaps) set to 0, written into `out` where given. A
         modular layout is assembled with the EXtra-geom `geometry`, which writes the modules only: the gap
@@ -123,13 +133,19 @@ def axis_sizes(geometry_class=None):
 
 
 def _geometries():
-    """(source-name pattern, EXtra-geom class, default geometry factory taking the module count)."""
+    """(kind, source-name pattern, EXtra-geom class, default geometry factory taking the module count)."""
     import extra_geom as eg
-    return [(r"AGIPD1M", eg.AGIPD_1MGeometry, lambda n: eg.AGIPD_1MGeometry.example()),
-            (r"LPD1M", eg.LPD_1MGeometry, lambda n: eg.LPD_1MGeometry.example()),
-            (r"DSSC1M", eg.DSSC_1MGeometry, lambda n: eg.DSSC_1MGeometry.example()),
-            (r"JNGFR|JUNGFRAU|_JF\d", eg.JUNGFRAUGeometry, lambda n: eg.JUNGFRAUGeometry.example(n)),
-            (r"PNCCD", eg.PNCCDGeometry, lambda n: eg.PNCCDGeometry.example())]
+    return [("AGIPD1M", r"AGIPD1M", eg.AGIPD_1MGeometry, lambda n: eg.AGIPD_1MGeometry.example()),
+            ("LPD1M", r"LPD1M", eg.LPD_1MGeometry, lambda n: eg.LPD_1MGeometry.example()),
+            ("DSSC1M", r"DSSC1M", eg.DSSC_1MGeometry, lambda n: eg.DSSC_1MGeometry.example()),
+            ("JUNGFRAU", r"JNGFR|JUNGFRAU|_JF\d", eg.JUNGFRAUGeometry, lambda n: eg.JUNGFRAUGeometry.example(n)),
+            ("PNCCD", r"PNCCD", eg.PNCCDGeometry, lambda n: eg.PNCCDGeometry.example())]
+
+
+def _detector_kind(source):
+    """(kind, EXtra-geom class, default geometry factory) of the detector that `source` names, or None."""
+    return next(((kind, cls, default) for kind, pattern, cls, default in _geometries() if re.search(pattern, source)),
+                None)
 
 
 def pick_source(data, source="", key=""):
@@ -177,7 +193,8 @@ class Pulses:
             return "pulses " + ",".join(map(str, self.indices))
         if self == Pulses():
             return "all pulses"
-        return f"pulses {self.start}:{'' if self.stop is None else self.stop}:{self.step}"
+        step = "" if self.step == 1 else f":{self.step}"
+        return f"pulses {self.start}:{'' if self.stop is None else self.stop}{step}"
 
 
 def parse_pulses(text):
@@ -210,16 +227,83 @@ def parse_pulses(text):
 # ----------------------------------------------------------------------------------------------
 # Detectors whose modules come as one source each
 
+# The modular detectors whose modules come as one source each, as EXtra-data's components name them.
+MODULE_KINDS = ("AGIPD1M", "LPD1M", "DSSC1M", "JUNGFRAU")
+
 # A module's source, as the facility names them (EXtra-data's components read the same names): AGIPD, LPD
 # and DSSC `NAME/CORR/{m}CH0:output` (corrected) or `NAME/DET/{m}CH0:xtdf` (raw, and corrected data before
-# 2026), JUNGFRAU `NAME/DET/JNGFR{m}:daqOutput` (or MODULE_{m}, RECEIVER-{m}).
-MODULE_SOURCE = re.compile(r"(?P<detector>[^/]+)/(?:DET|CORR)/(?:\d+CH\d+|MODULE_\d+|RECEIVER-\d+|JNGFR\d+)(?::|$)")
+# 2026), JUNGFRAU `NAME/DET/JNGFR{m}:daqOutput` (or MODULE_{m}, RECEIVER-{m}); `module` and `jf_module` hold
+# the module number of the two, `output` the output channel.
+MODULE_SOURCE = re.compile(r"(?P<detector>[^/]+)/(?P<stage>DET|CORR)/"
+                           r"(?:(?P<module>\d+)CH\d+|(?:MODULE_|RECEIVER-|JNGFR)(?P<jf_module>\d+))(?::(?P<output>.*)|$)")
+# The output channels that carry a module's frames. A TrainMatcher may send other channels of the same
+# devices too (the correction's previews), and a run holds their control sources (no channel).
+MODULE_OUTPUTS = ("output", "xtdf", "daqOutput")
+
+Module = collections.namedtuple("Module", "detector stage kind index")
+
+
+def module_of(source):
+    """The Module whose frames `source` carries, or None: its detector, stage (CORR or DET), kind and index in
+    the detector's module stack. AGIPD, LPD and DSSC number their modules from 0 in the source names, JUNGFRAU
+    from 1 (JNGFR01); EXtra-geom counts from 0."""
+    match = MODULE_SOURCE.match(source)
+    known = _detector_kind(match["detector"]) if match and match["output"] in MODULE_OUTPUTS else None
+    if known is None or known[0] not in MODULE_KINDS:
+        return None
+    kind = known[0]
+    jungfrau = kind == "JUNGFRAU"
+    number = match["jf_module"] if jungfrau else match["module"]
+    return None if number is None else Module(match["detector"], match["stage"], kind, int(number) - jungfrau)
+
+
+def module_key(kind, key=""):
+    """The key of a modular detector's images: `key` where given, else image.data (data.adc for JUNGFRAU)."""
+    return key or ("data.adc" if kind == "JUNGFRAU" else "image.data")
+
+
+def find_modules(data, source="", key="", pulses=Pulses()):
+    """The ModuleSources of a modular detector whose modules are sources of `data` (one Karabo bridge message),
+    or None where there is none: the one `source` names (the detector, or one of its modules' sources), else
+    the first by name. Its corrected (CORR) module sources are taken where the message has them, else its DET
+    ones, as EXtra-data prefers corrected data; JUNGFRAU has as many modules as the highest number found."""
+    modules = [module for module in map(module_of, data) if module]
+    if source:
+        named = MODULE_SOURCE.match(source)
+        modules = [m for m in modules if m.detector == (named["detector"] if named else source)]
+    if not modules:
+        return None
+    detector = min(m.detector for m in modules)
+    modules = [m for m in modules if m.detector == detector]
+    stage = "CORR" if any(m.stage == "CORR" for m in modules) else "DET"
+    kind, cls, _ = _detector_kind(detector)
+    n_modules, *module_shape = cls.expected_data_shape
+    n_modules = n_modules or 1 + max(m.index for m in modules if m.stage == stage)
+    positions = _module_positions(data, detector, stage, n_modules)
+    if not positions:  # module numbers beyond the detector's
+        return None
+    return ModuleSources(detector, kind, module_key(kind, key), positions, n_modules, tuple(module_shape), pulses)
+
+
+def _module_positions(data, detector, stage, n_modules):
+    """(source, index) of the module sources of `detector` and `stage` in `data`, by index; indices past
+    `n_modules` are left out (its geometry has no place for them)."""
+    modules = ((source, module_of(source)) for source in data)
+    return tuple(sorted(((source, m.index) for source, m in modules
+                         if m and (m.detector, m.stage) == (detector, stage) and m.index < n_modules),
+                        key=lambda position: position[1]))
+
+
+class RawData(AiryNetError):
+    """A detector's RAW data, which must be corrected before it can be classified."""
 
 
 @dataclass(frozen=True)
 class ModuleSources:
     """One modular detector whose modules come as one source each, as one EXtra-data train and one Karabo
     bridge message hold them: {source: {key: array}}. `stack` gathers a train's modules by module number.
+    nn/inputs/euxfel.py finds the module sources of a run with EXtra-data, live mode those of each message
+    by their names (find_modules, found_in).
 
     AGIPD, LPD and DSSC store a train's frames along the first axis, (pulses, ss, fs); their RAW data has
     one more axis, data and gain (AGIPD) or a single one (LPD, DSSC), before ss. JUNGFRAU stores its memory
@@ -248,15 +332,21 @@ class ModuleSources:
             stacked[:, index] = frames[picked]
         return stacked, pulse_ids(train[found[0][0]], counts[0])[picked]
 
+    def found_in(self, data):
+        """The detector as one Karabo bridge message holds it: its module sources there, of the stage (CORR
+        or DET) of self's. A module that comes late can be missing in one message and there in the next."""
+        stage = module_of(self.positions[0][0]).stage
+        return replace(self, positions=_module_positions(data, self.detector, stage, self.n_modules))
+
     def _frames(self, source, array):
-        """A module's array of one train as frames (n, ss, fs); RAW data raises."""
+        """A module's array of one train as frames (n, ss, fs); RAW data raises RawData."""
         array = np.asarray(array)
         if not _is_real(array.dtype):
             raise AiryNetError(f"{source} {self.key}: dtype {array.dtype} is not a real number")
         raw = self._raw(source, array)
         if raw:
-            raise AiryNetError(f"{source} {self.key}: RAW data ({raw}); the run must be corrected first: "
-                               f"classify its CORR files (the proposal's proc/ folder)")
+            raise RawData(f"{source} {self.key}: RAW data ({raw}); the run must be corrected first: "
+                          f"classify its CORR files (the proposal's proc/ folder)")
         if array.shape[-2:] == self.module_shape and (array.ndim == 3 or self.kind == "JUNGFRAU"):
             return array.reshape(-1, *self.module_shape)
         if array.shape == self.module_shape:  # a train of one frame, as a bridge may send it
@@ -298,7 +388,7 @@ class Detector:
         if module:
             raise AiryNetError(f"{source} is one module of {module['detector']}: alone, its pulses would be taken "
                                f"for the detector's modules; a modular detector is read from all its module sources "
-                               f"together (EuXFEL run directories, virtual CXI files)")
+                               f"together (EuXFEL run directories, virtual CXI files, bridge messages)")
         self.source, self.key = source, key
         array = np.asarray(array)
         if not _is_real(array.dtype):
@@ -331,6 +421,10 @@ class Detector:
     def count(self, array):
         return self.layout.count(array)
 
+    def take(self, array, indices):
+        """`array` with only its frames `indices` (--pulses), as Layout.take."""
+        return self.layout.take(array, indices)
+
     def frames(self, array, out=None):
         """float32 [N, H, W] (NaN, as in the gaps of an assembled image, becomes 0); written into `out`
         where given, N frames of a buffer whose gap pixels hold 0 (assembly writes the modules only)."""
@@ -351,11 +445,11 @@ def _is_real(dtype):
 
 def _layout(source, shape, geometry_file):
     """(Layout, EXtra-geom geometry or None) for an array of `shape` from `source`."""
-    kind = next(((cls, default) for pattern, cls, default in _geometries() if re.search(pattern, source)), None)
+    kind = _detector_kind(source)
     if geometry_file and kind is None:
         raise AiryNetError(f"--geometry={geometry_file}: cannot tell which detector {source} is "
                            f"(known: AGIPD1M, LPD1M, DSSC1M, JUNGFRAU, PNCCD in the source name)")
-    cls, default = kind or (None, None)
+    _, cls, default = kind or (None, None, None)
     layout = next((candidate for candidate in LAYOUTS if candidate.fits(shape, axis_sizes(cls))), None)
     if geometry_file and not (layout and layout.modular):
         raise AiryNetError(f"--geometry={geometry_file}: {source} sends arrays of shape {shape}, which do not "

@@ -3,8 +3,8 @@
 Two kinds of image source, each giving float32 frames per train with their pulse IDs:
   * ModuleRun: a modular detector whose modules are one source each (AGIPD1M, LPD1M, DSSC1M, JUNGFRAU as
     the facility writes its CORR runs), found with EXtra-data's components. Each train's modules are
-    gathered by module number (detectors.ModuleSources, which live mode can give the bridge's messages as
-    they are) and assembled with EXtra-geom. Without --bridge_source the first such detector (by name) is
+    gathered by module number (detectors.ModuleSources, which gathers live mode's bridge messages too)
+    and assembled with EXtra-geom. Without --bridge_source the first such detector (by name) is
     taken; --bridge_source names another (or any one of its modules' sources).
   * SourceRun: otherwise one source, picked and assembled as in live mode (nn/inputs/detectors.py:
     --bridge_source, --bridge_key, --geometry), so a run replayed through `karabo-bridge-serve-files` and
@@ -26,9 +26,6 @@ from nn.config import AiryNetError, first_line
 log = logging.getLogger("airynet")
 
 RUN_FILE_PATTERNS = ("RAW-R*-*.h5", "CORR-R*-*.h5")
-# The EXtra-data components of the modular detectors assembled here (nn/inputs/detectors.py has their
-# EXtra-geom classes).
-MODULAR = ("AGIPD1M", "LPD1M", "DSSC1M", "JUNGFRAU")
 # Frames assembled at a time: all of an AGIPD train's 352 at once would take 2 GB.
 FRAMES_PER_STEP = 32
 
@@ -61,7 +58,7 @@ def _modular_detector(run, cfg, directory):
     """The EXtra-data component of the modular detector to classify, or None where the run has none (or
     --bridge_source names another source)."""
     from extra_data import components
-    classes = [getattr(components, name) for name in MODULAR]
+    classes = [getattr(components, name) for name in detectors.MODULE_KINDS]
     found = sorted(components.identify_multimod_detectors(run, clses=classes), key=lambda f: f[0])
     if cfg.bridge_source:
         module = detectors.MODULE_SOURCE.match(cfg.bridge_source)
@@ -84,7 +81,7 @@ def _modular_detector(run, cfg, directory):
 
 
 def _module_key(component, cfg, directory):
-    key = cfg.bridge_key or ("data.adc" if type(component).__name__ == "JUNGFRAU" else "image.data")
+    key = detectors.module_key(type(component).__name__, cfg.bridge_key)
     if key not in component:
         some = next(iter(component.source_to_modno))
         raise AiryNetError(f"{directory}: {component.detector_name}: its module sources have no key {key} "
