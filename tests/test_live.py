@@ -559,6 +559,9 @@ def test_replayed_modular_run_is_classified_as_extra_geom_assembles_it(run_dir, 
     assert_same_results(ours, agipd_offline)
     # The check can tell shots apart: the network's outputs differ from pulse to pulse.
     assert len({tuple(np.round(p, 3)) for p, _ in ours.values()}) > 1
+    with h5py.File(only(tmp_path, "*.h5"), "r") as f:   # the file names the detector that was found
+        assert (f.attrs["detector_source"], f.attrs["detector_key"]) == ("SPB_DET_AGIPD1M-1", "image.data")
+        assert f.attrs["geometry"] == "EXtra-geom's example geometry (AGIPD_1MGeometry)"
 
 
 def test_pulses_are_selected_live_as_offline(run_dir, agipd_run, agipd_offline, tmp_path):

@@ -104,6 +104,7 @@ def _set_up(cfg, recipe, model, receiver):
                     height, width, cfg.ori_height, cfg.ori_width, config.crop_size(height),
                     config.crop_size(width), cfg.target_height, cfg.target_width)
     euxfel.set_frame_size(cfg, receiver.detector)
+    cfg.detector = receiver.detector  # the files, created with the first batch, record it (provenance)
     classifier = Classifier(cfg, recipe, model, receiver.detector, cfg.bridge_socket)
     log.info("Batches of up to %d frames", classifier.batch_frames)
     receiver.resume(capacity=classifier.batch_frames)
