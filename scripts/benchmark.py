@@ -308,13 +308,15 @@ def bench_predict(args):
     if args.compare_torch:
         yardstick = "torch.compile forward"
         runs[yardstick] = torch_inference_batch(cfg)
-    directory, run_dir = write_predict_data(args, args.predict_shots)
-    out_dir = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench-predict")
-    rates, commands = {name: [] for name in [*runs, *CLI_VARIANTS]}, {name: [] for name in CLI_VARIANTS}
+    cli_variants = CLI_VARIANTS if args.predict_shots else {}  # --predict_shots=0: the steps only
+    if cli_variants:
+        directory, run_dir = write_predict_data(args, args.predict_shots)
+        out_dir = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench-predict")
+    rates, commands = {name: [] for name in [*runs, *cli_variants]}, {name: [] for name in cli_variants}
     for round_ in range(args.rounds):
         for name, run_batch in runs.items():
             rates[name].append(images_per_second(run_batch, args.steps, cfg.batch_size))
-        for name, flags in CLI_VARIANTS.items():
+        for name, flags in cli_variants.items():
             rate, seconds, compiles = cli_predict_rate(cli_predict_flags(args, directory, run_dir, out_dir) + flags + extra)
             rates[name].append(rate)
             commands[name].append((seconds, compiles))
@@ -708,7 +710,8 @@ def main():
     p.add_argument("--rounds", type=int, default=None,
                    help="Timed runs per pipeline (input; default 5), h5 filter (default 5) or live/offline pair "
                         "(live; default 2, about 45 s each: the ratio moves by 10-20%% between rounds).")
-    p.add_argument("--predict_shots", type=int, default=480, help="Predict: shots of each end-to-end run.")
+    p.add_argument("--predict_shots", type=int, default=480,
+                   help="Predict, stages: shots of each end-to-end run (predict: 0 times the steps only).")
     p.add_argument("--baseline", action="store_true",
                    help="Input: also time plain per-shot pipelines (tf.image ops; h5py generator) on the same data.")
     p.add_argument("--compare_torch", action="store_true",
