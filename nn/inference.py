@@ -21,10 +21,10 @@ log = logging.getLogger("airynet")
 
 
 def make_step(cfg, model, maps="layer", conv=False, jit=None):
-    """tf.function images [B, H, W, D] -> {"probabilities", "classes" (uint8) and,
-    unless `maps` is None, "grad_cam" float32 [B, C, h, w]}: at the target layer's resolution ("layer")
-    or resized to the input size ("resized"); with `conv`, also the target layer's activations "conv"
-    float32 [B, h, w, K]. `jit`: what XLA compiles (default: --jit_inference)."""
+    """tf.function images [B, H, W, D] -> {"probabilities", "classes" (uint8) and, unless `maps` is None,
+    "grad_cam" float32 [B, C, h, w]}: at the target layer's resolution ("layer") or resized to the input
+    size ("resized"); with `conv`, also the target layer's activations "conv" float32 [B, h, w, K].
+    `jit`: what XLA compiles (default: --jit_inference)."""
     jit = cfg.jit_inference if jit is None else jit
     shape = [cfg.target_height, cfg.target_width, cfg.target_depth]
     thresholds = checkpoints.decision_thresholds(cfg)
@@ -43,8 +43,8 @@ def make_step(cfg, model, maps="layer", conv=False, jit=None):
         return {**outputs(logits), "grad_cam": cams}
 
     if maps is not None and jit == "maps":
-        acts = act_model.outputs[0]
-        with_maps = _compiled(with_maps, tf.TensorSpec([cfg.batch_size, *acts.shape[1:]], acts.dtype))
+        target = act_model.outputs[0]
+        with_maps = _compiled(with_maps, tf.TensorSpec([cfg.batch_size, *target.shape[1:]], target.dtype))
 
     def network(images):
         if maps is None and not conv:
