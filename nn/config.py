@@ -19,6 +19,7 @@ HELIUM_CLASSES = ["spherical_oblate", "round", "elliptical", "prolate", "streak"
 RESNET_SIZES = (18, 34, 50, 101, 152, 200)
 VGG_SIZES = (16, 19)
 MODES = ("train", "eval", "predict", "save", "live")
+JIT_INFERENCE = ("maps", "all", "none")  # --jit_inference: what XLA compiles in predict and live
 MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment")
 CONFIG_FILE = "config.json"
 FRACTIONS = (0.25, 0.5, 0.75)  # --fraction's choices, as the 2018 original's parser had them
@@ -27,8 +28,8 @@ FRACTIONS = (0.25, 0.5, 0.75)  # --fraction's choices, as the 2018 original's pa
 PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "predict_dir", "overwrite",
                   "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "save_images", "save_conv",
                   "h5_layout", "h5_compression", "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile",
-                  "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish", "publish_socket",
-                  "gradcam_every", "live_trains", "live_seconds", "thresholds", "pulses"}
+                  "jit_inference", "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish",
+                  "publish_socket", "gradcam_every", "live_trains", "live_seconds", "thresholds", "pulses"}
 
 
 class AiryNetError(Exception):
@@ -158,8 +159,15 @@ def build_parser():
                         "scaling). The input layers up to the log activation and the logits stay float32. "
                         "Much slower on CPUs.")
     g.add_argument("--jit_compile", type=str2bool, default=False,
-                   help="Compile the training step with XLA. (The log activation is XLA-fused in every "
-                        "mode, whatever this flag says.)")
+                   help="Compile the training step with XLA (predict and live: --jit_inference). (The log "
+                        "activation is XLA-fused in every mode, whatever this flag says.)")
+    g.add_argument("--jit_inference", type=str, default="maps", choices=JIT_INFERENCE,
+                   help="What XLA compiles in predict and live (a flag of its own: --jit_compile keeps the "
+                        "original's default, off, for training): 'maps' the Grad-CAM++ maps from the last "
+                        "block on, which XLA makes nearly free, while the convolutions stay with oneDNN, "
+                        "which on CPUs is faster than XLA's; 'all' the whole network step (worth trying on "
+                        "GPUs); 'none' nothing. The compiled part runs at --batch_size: shorter batches are "
+                        "padded, so that it is compiled once, at start-up.")
 
     g.add_argument("--num_cpu_replicas", type=int, default=1,
                    help="Split the CPU into this many logical devices and mirror training over them "

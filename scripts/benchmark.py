@@ -5,9 +5,11 @@
     python scripts/benchmark.py input --baseline   # ... and plain per-shot pipelines on the same data
     python scripts/benchmark.py train      # ResNet-18 224x224x1 batch 24: bare step vs the real loop
     python scripts/benchmark.py train --compare_torch   # ... and the same net's training step under torch.compile
-    python scripts/benchmark.py predict    # ResNet-18 224x224x1 batch 24: the step without and with Grad-CAM++,
-                                           # then airynet.py --mode=predict end to end for each output option
+    python scripts/benchmark.py predict    # ResNet-18 224x224x1 batch 24: the step without and with Grad-CAM++
+                                           # and airynet.py --mode=predict end to end (defaults, --gradcam=false),
+                                           # plain and with XLA (--jit_inference), taking turns round by round
     python scripts/benchmark.py predict --compare_torch   # ... and the same net under torch.compile
+    python scripts/benchmark.py stages     # predict's hot path stage by stage (read, decode, ..., writer), ms a batch
     python scripts/benchmark.py live       # 1024x1024 pnCCD-like frames from a local Karabo bridge, classified
                                            # at 224x224 live vs offline predict of the same frames as a run
     python scripts/benchmark.py h5         # HDF5 filters on predict outputs: write, size, read back
@@ -233,66 +235,172 @@ def cli_predict_flags(args, directory, run_dir, out_dir):
 
 
 def cli_predict_rate(flags):
-    """Shots per second of one `airynet.py --mode=predict` in this process, from its own log line."""
-    import logging
+    """(shots per second after the first batch, seconds of the whole command, seconds of XLA compiles) of
+    one `airynet.py --mode=predict` in this process, from its own log lines."""
     import re
     import airynet
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logging.getLogger("airynet").addHandler(handler)
-    try:
+    started = time.perf_counter()
+    with LogLines() as lines:
         assert airynet.main(flags) == 0
-    finally:
-        logging.getLogger("airynet").removeHandler(handler)
+    seconds = time.perf_counter() - started
     line = next(m for m in lines if m.startswith("Predicted"))
-    return float(re.search(r"([\d.]+) after the first batch", line).group(1))
+    compiles = sum(float(re.search(r"took ([\d.]+) s", m)[1]) for m in lines if m.startswith("XLA compile took"))
+    return float(re.search(r"([\d.]+) after the first batch", line)[1]), seconds, compiles
 
 
-# Output options timed end to end, and the step variant each one runs.
-CLI_OPTIONS = {"defaults (txt, h5 with maps and images, gzip)": ([], "with maps (layer size)"),
-               "--h5_compression=zstd": (["--h5_compression=zstd"], "with maps (layer size)"),
-               "--h5_compression=none": (["--h5_compression=none"], "with maps (layer size)"),
-               "--gradcam=false": (["--gradcam=false"], "without maps"),
-               "--gradcam=false --save_images=false": (["--gradcam=false", "--save_images=false"], "without maps")}
+def cpu_model():
+    """The CPU's model name as /proc/cpuinfo gives it (Linux), else the platform's word for it."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_line():
+    load = os.getloadavg()[0]
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average {load:.1f} over the last minute"
+            + (": other jobs share the cores" if load > os.cpu_count() else ""))
+
+
+# Step variants of the predict benchmark: (maps, --jit_inference). Without maps "maps" compiles nothing,
+# so it is "none".
+STEP_VARIANTS = {"forward, plain": (None, "none"), "forward, XLA": (None, "all"),
+                 "with maps, plain": ("layer", "none"), "with maps, XLA maps (default)": ("layer", "maps"),
+                 "with maps, XLA all": ("layer", "all")}
+# End-to-end runs: airynet.py flags.
+CLI_VARIANTS = {"defaults, plain": ["--jit_inference=none"], "defaults, XLA maps (default)": [],
+                "defaults, XLA all": ["--jit_inference=all"],
+                "--gradcam=false, plain": ["--gradcam=false", "--jit_inference=none"],
+                "--gradcam=false, XLA all": ["--gradcam=false", "--jit_inference=all"],
+                "--h5_compression=zstd": ["--h5_compression=zstd"], "--h5_compression=none": ["--h5_compression=none"]}
 
 
 def bench_predict(args):
+    """The step's variants (forward only and with the maps; plain, XLA for the maps, XLA for all) and
+    torch.compile's forward pass, then airynet.py --mode=predict end to end with the default outputs and
+    with --gradcam=false, plain and with XLA, all taking turns for --rounds rounds. Each rate is also given
+    as a ratio to torch.compile's (or the plain forward's) in the same round; the medians of those ratios
+    close the output."""
+    import logging
+    import keras
+    import airynet
     from nn import inference
     from nn.models.networks import build_model
-    cfg = make_cfg(args, "--dataset=synthetic")
+    extra = args.flags.split()
+    cfg = make_cfg(args, "--dataset=synthetic", *extra)
+    keras.mixed_precision.set_global_policy(airynet.MIXED_PRECISION_POLICIES[cfg.mixed_precision])
     model = build_model(cfg)
-    rates = inference.benchmark(cfg, model, args.steps)
-    print(f"predict ResNet-{args.resnet_size} {args.target}x{args.target}x1 batch {args.batch_size}")
-    for name, rate in rates.items():
-        print(f"  {name:<28} {rate:8.1f} img/s")
-    print(f"  with maps / without: {rates['with maps (layer size)'] / rates['without maps']:.2f}x (layer size), "
-          f"{rates['with maps (resized)'] / rates['without maps']:.2f}x (resized)")
-    compiled = None
-    if args.compare_torch:
-        compiled = torch_inference_rate(cfg, args.steps)
-        print(f"  PyTorch torch.compile, same net  {compiled:8.1f} img/s  "
-              f"(AiryNet without maps: {rates['without maps'] / compiled:.2f}x)")
-    # End to end: airynet.py --mode=predict on a TFRecord, writing its files to a tmpfs where there is one,
-    # timed from its own log line after the first batch (which builds the graph). Each run follows a run of
-    # the step it uses, so that a neighbour's load on a shared machine hits both alike.
-    directory, run_dir = write_predict_data(args, args.predict_shots)
-    out_dir = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench-predict")
-    steps = {"with maps (layer size)": inference.make_step(cfg, model),
-             "without maps": inference.make_step(cfg, model, None)}
+    print(f"predict ResNet-{args.resnet_size} {args.target}x{args.target}x1 batch {args.batch_size} {args.flags}")
+    print("  " + machine_line(), flush=True)
     images = tf.random.uniform([cfg.batch_size, cfg.target_height, cfg.target_width, cfg.target_depth], 0, 100)
-    results = []
-    for name, (flags, variant) in CLI_OPTIONS.items():
-        steps[variant](images)  # traced the first time
-        step_rate = images_per_second(lambda: steps[variant](images)["probabilities"].numpy(), args.steps,
-                                      args.batch_size)
-        rate = cli_predict_rate(cli_predict_flags(args, directory, run_dir, out_dir) + flags)
-        results.append((name, variant, rate, step_rate))
-    print(f"  airynet.py --mode=predict, {args.predict_shots} shots from a TFRecord, end to end "
-          f"(the step timed just before each run):")
-    for name, variant, rate, step_rate in results:
-        line = f"    {name:<42} {rate:8.1f} shots/s ({rate / step_rate:.2f}x the step {variant}, {step_rate:.1f}"
-        print(line + (f"; {rate / compiled:.2f}x torch.compile)" if compiled else ")"))
+    logging.getLogger("airynet").setLevel(logging.INFO)  # for make_step's compile times
+    steps, compiles = {}, []
+    for name, (maps, jit) in STEP_VARIANTS.items():
+        with LogLines() as lines:
+            steps[name] = inference.make_step(cfg, model, maps, jit=jit)
+        compiles += [f"{name}: {line[4:]}" for line in lines]  # "XLA compile took ..." less "XLA "
+    print("  XLA compiles: " + "; ".join(compiles))
+    runs = {name: (lambda step=step: step(images)["probabilities"].numpy()) for name, step in steps.items()}
+    for run_batch in runs.values():
+        run_batch()  # trace and warm up
+    yardstick = "forward, plain"
+    if args.compare_torch:
+        yardstick = "torch.compile forward"
+        runs[yardstick] = torch_inference_batch(cfg)
+    cli_variants = CLI_VARIANTS if args.predict_shots else {}  # --predict_shots=0: the steps only
+    if cli_variants:
+        directory, run_dir = write_predict_data(args, args.predict_shots)
+        out_dir = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else args.work, "airynet-bench-predict")
+    rates, commands = {name: [] for name in [*runs, *cli_variants]}, {name: [] for name in cli_variants}
+    for round_ in range(args.rounds):
+        for name, run_batch in runs.items():
+            rates[name].append(images_per_second(run_batch, args.steps, cfg.batch_size))
+        for name, flags in cli_variants.items():
+            rate, seconds, compiles = cli_predict_rate(cli_predict_flags(args, directory, run_dir, out_dir) + flags + extra)
+            rates[name].append(rate)
+            commands[name].append((seconds, compiles))
+        print(f"  round {round_ + 1} ({os.getloadavg()[0]:.1f} load): " + ", ".join(
+            f"{name} {values[-1]:.1f}" for name, values in rates.items()), flush=True)
+    print(f"  img/s (step: {args.steps} batches a round; end to end: {args.predict_shots} shots from a TFRecord, "
+          f"after the first batch), median of {args.rounds} rounds, and the median ratio to {yardstick}:")
+    for name, values in rates.items():
+        ratio = np.median(np.array(values) / np.array(rates[yardstick]))
+        line = f"    {name:<36} {np.median(values):7.1f}   {ratio:.2f}x"
+        if name in commands:
+            seconds, compiles = np.median(np.array(commands[name]), axis=0)
+            line += f"   command {seconds:.1f} s" + (f", XLA compiles {compiles:.1f} s" if compiles else "")
+        print(line)
+    print("  " + machine_line())
+
+
+def bench_stages(args):
+    """Where the time of predict's hot path goes: each stage timed alone, batch after batch, on --steps
+    batches of the predict TFRecord (--size -> --target px), in ms a batch: wall time and the process's CPU
+    time (all its threads: what a stage takes from the cores the network needs), medians over the batches.
+    The network's stages run the step of the flags (--flags, e.g. --flags=--jit_inference=none), then
+    airynet.py --mode=predict runs end to end on the same data for comparison."""
+    import glob
+    import shutil
+    import tempfile
+    from nn import checkpoints, inference, predict
+    from nn.inputs.preprocess import preprocess
+    from nn.models import networks
+    from nn.outputs import writers
+    directory, run_dir = write_predict_data(args, args.predict_shots)
+    extra = args.flags.split()
+    cfg = make_cfg(args, f"--data_dir={os.path.dirname(directory)}/", f"--dataset={os.path.basename(directory)}",
+                   f"--load_dir={run_dir}", *extra)
+    model, _ = checkpoints.restore_model(cfg, PAPER)
+    files = sorted(glob.glob(os.path.join(directory, "*.tfrecord")))
+    read = iter(tf.data.TFRecordDataset(files).batch(cfg.batch_size).repeat())
+    serialized = [next(read) for _ in range(args.steps)]
+    decode = tf.function(lambda s: tfrecord.decode_records(s, cfg, "predict"))
+    decoded = [decode(s) for s in serialized]
+    prepare = tf.function(lambda images: preprocess(images, cfg, PAPER, training=False))
+    batches = [dict(extra, image=prepare(images)) for images, extra in decoded]
+    forward, with_maps = inference.make_step(cfg, model, None), inference.make_step(cfg, model, "layer")
+    results = [with_maps(b["image"]) for b in batches]
+    outputs = tf.function(lambda logits: (networks.probabilities(logits, cfg.single_label),
+                                          networks.predicted_classes(logits, cfg.single_label)))
+    log_act = model.get_layer("log_activation")
+    stem = tf.random.normal([cfg.batch_size, *log_act.input.shape[1:]], 0, 100)
+    rows = [predict._rows(r, b, with_images=True) for r, b in zip(results, batches)]
+    tmp = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    paths = writers.output_paths(tmp, "stages")
+    spec = data.dataset(cfg, PAPER, "predict").element_spec
+    with writers.Outputs([]) as out:  # left without commit(): the files are removed
+        out.writers += [predict._writer(cfg, model, kind, path, (0, 1), spec) for kind, path in paths.items()]
+        h5 = out.writers[1]
+        stages = {"read (TFRecord)": lambda i: next(read),
+                  "decode": lambda i: decode(serialized[i])[0].numpy(),
+                  "crop and resize": lambda i: prepare(decoded[i][0]).numpy(),
+                  "log activation (part of the forward)": lambda i: log_act(stem).numpy(),
+                  "forward": lambda i: forward(batches[i]["image"])["probabilities"].numpy(),
+                  "forward and maps": lambda i: with_maps(batches[i]["image"])["probabilities"].numpy(),
+                  "probabilities and classes": lambda i: outputs(results[i]["probabilities"])[0].numpy(),
+                  "results to numpy": lambda i: predict._rows(results[i], batches[i], with_images=True),
+                  "images into the h5": lambda i: h5.write({"bids": rows[i]["bids"], "images": rows[i]["images"]}),
+                  "writer thread's work (txt, h5: all fields)": lambda i: out.write(rows[i])}
+        print(f"predict's stages, ResNet-{args.resnet_size}, {args.size} -> {args.target} px, batch "
+              f"{args.batch_size} {args.flags}; ms a batch, median of {args.steps} batches")
+        print("  " + machine_line())
+        for name, stage in stages.items():
+            stage(0)  # trace and warm up
+            wall, cpu = [], []
+            for i in range(args.steps):
+                started, cpu_started = time.perf_counter(), time.process_time()
+                stage(i)
+                wall.append(1e3 * (time.perf_counter() - started))
+                cpu.append(1e3 * (time.process_time() - cpu_started))
+            print(f"    {name:<44} {np.median(wall):8.1f} wall {np.median(cpu):8.1f} CPU", flush=True)
+    out_dir = os.path.join(tmp, "cli")
+    rate, seconds, compiles = cli_predict_rate(cli_predict_flags(args, directory, run_dir, out_dir) + extra)
+    print(f"  airynet.py --mode=predict end to end: {1e3 * args.batch_size / rate:.1f} ms a batch after the first "
+          f"({rate:.1f} shots/s); the command took {seconds:.1f} s, XLA compiles {compiles:.1f} s")
+    shutil.rmtree(tmp)
+    print("  " + machine_line())
 
 
 def predict_outputs(args):
@@ -559,14 +667,19 @@ def torch_images(cfg):
     return images.to(memory_format=torch.channels_last)
 
 
-def torch_inference_rate(cfg, n_batches, repeats=3):
-    """Images per second of torch_net under torch.compile, in inference mode."""
+def torch_inference_batch(cfg):
+    """A callable that runs one batch through torch_net under torch.compile in inference mode (compiled and
+    warmed up here)."""
     import torch
     net, images = torch.compile(torch_net(cfg).eval()), torch_images(cfg)
-    with torch.inference_mode():
-        for _ in range(3):  # compile and warm up
+
+    def run_batch():
+        with torch.inference_mode():
             net(images)
-        return max(images_per_second(lambda: net(images), n_batches, cfg.batch_size) for _ in range(repeats))
+
+    for _ in range(3):
+        run_batch()
+    return run_batch
 
 
 def torch_training_rate(cfg, n_batches, repeats=3):
@@ -592,7 +705,7 @@ def torch_training_rate(cfg, n_batches, repeats=3):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("input", "train", "predict", "h5", "live", "repeat"))
+    p.add_argument("what", choices=("input", "train", "predict", "stages", "h5", "live", "repeat"))
     p.add_argument("--size", type=int, default=259)
     p.add_argument("--target", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=24)
@@ -602,7 +715,8 @@ def main():
     p.add_argument("--rounds", type=int, default=None,
                    help="Timed runs per pipeline (input; default 5), h5 filter (default 5) or live/offline pair "
                         "(live; default 2, about 45 s each: the ratio moves by 10-20%% between rounds).")
-    p.add_argument("--predict_shots", type=int, default=480, help="Predict: shots of each end-to-end run.")
+    p.add_argument("--predict_shots", type=int, default=480,
+                   help="Predict, stages: shots of each end-to-end run (predict: 0 times the steps only).")
     p.add_argument("--baseline", action="store_true",
                    help="Input: also time plain per-shot pipelines (tf.image ops; h5py generator) on the same data.")
     p.add_argument("--compare_torch", action="store_true",
@@ -617,14 +731,15 @@ def main():
                    help="Repeat: predict --predict_shots shots, or train --steps steps.")
     p.add_argument("--airynet", help="Repeat: the airynet.py to run (default: this checkout's), e.g. an older "
                                      "checkout's, for a before/after comparison on the same data.")
-    p.add_argument("--flags", default="", help="Repeat: further airynet.py flags, e.g. --flags='--gradcam=false'")
+    p.add_argument("--flags", default="", help="Repeat, predict, stages: further airynet.py flags, e.g. "
+                                                "--flags='--gradcam=false' or --flags='--mixed_precision=bf16'")
     p.add_argument("--work", default="/tmp/airynet-bench")
     args = p.parse_args()
     if args.steps is None:
         args.steps = 60 if args.what == "input" else 40
     if args.rounds is None:
-        args.rounds = 2 if args.what == "live" else 5
-    {"input": bench_input, "train": bench_train, "predict": bench_predict, "h5": bench_h5,
+        args.rounds = 2 if args.what in ("live", "predict") else 5
+    {"input": bench_input, "train": bench_train, "predict": bench_predict, "stages": bench_stages, "h5": bench_h5,
      "live": bench_live, "repeat": bench_repeat}[args.what](args)
 
 

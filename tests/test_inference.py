@@ -1,12 +1,18 @@
-"""nn/inference.py: the step's outputs against direct calls of the model, and the arithmetic of its
-benchmark (the step is also tested through --mode=predict's files in test_predict.py and through
---mode=live in test_live.py)."""
-import numpy as np
-import tensorflow as tf
+"""nn/inference.py: the step with and without XLA (--jit_inference) gives the same results on full,
+partial and single-shot batches; over a predict it is traced and compiled once. (The step's outputs are
+also tested through --mode=predict's files in test_predict.py and through --mode=live in test_live.py.)"""
+import logging
 
-from nn import checkpoints, config, inference
-from nn.models import gradcam
-from test_predict import CLASSES, shots, tiny_model
+import h5py
+import numpy as np
+import pytest
+
+from nn import checkpoints, config, inference, predict
+from nn.models import gradcam, networks
+from nn.recipe import PAPER
+from test_predict import CLASSES, cfg_for, predict_dataset, shots, tiny_model
+
+JITS = ("maps", "all")
 
 
 def small_cfg(*flags):
@@ -32,23 +38,61 @@ def test_step_outputs_equal_the_model_called_directly(tmp_path):
     np.testing.assert_array_equal(plain["classes"].numpy(), logits > 0)  # the original rule
 
 
-def test_benchmark_rates_are_shots_over_seconds(monkeypatch):
-    """With a clock that advances one second per reading, every variant's rate is its shots per round."""
-    clock = iter(range(1000))
-    monkeypatch.setattr(inference.time, "perf_counter", lambda: float(next(clock)))
-    calls = {}
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize("maps", [None, "layer", "resized"])
+def test_xla_step_equals_the_plain_step(tmp_path, model, maps):
+    cfg = cfg_for(tmp_path)
+    images, _ = shots(4, seed=1)
+    plain = inference.make_step(cfg, model, maps, conv=True, jit="none")
+    for jit in JITS:
+        compiled = inference.make_step(cfg, model, maps, conv=True, jit=jit)
+        for n in (4, 3, 1):  # a full batch, a partial one, a single shot
+            expected, got = plain(images[:n]), compiled(images[:n])
+            assert set(got) == set(expected)
+            for name, value in expected.items():
+                assert got[name].shape == value.shape, (jit, n, name)
+                if name == "classes":
+                    np.testing.assert_array_equal(got[name], value)
+                else:
+                    np.testing.assert_allclose(got[name], value, atol=1e-4, err_msg=f"{jit} {n} {name}")
+
+
+def test_predict_with_xla_equals_plain_and_traces_once(tmp_path, model, monkeypatch, caplog):
+    """9 shots in batches of 4: the last batch holds one shot. Every output row belongs to a shot (the
+    padding is dropped), and the step is traced once over the run."""
+    images, bids = shots(9, seed=2)
+    traces, steps = [], []
+    probabilities = networks.probabilities
     make_step = inference.make_step
+    monkeypatch.setattr(networks, "probabilities", lambda *a: traces.append(1) or probabilities(*a))
+    monkeypatch.setattr(inference, "make_step", lambda *a, **k: steps.append(make_step(*a, **k)) or steps[-1])
+    files = {}
+    for jit in ("none", *JITS):
+        traces.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="airynet"):
+            predict.run(cfg_for(tmp_path / jit, f"--jit_inference={jit}"), PAPER, model,
+                        predict_dataset(images, bids))
+        assert len(traces) == 1 and steps[-1].experimental_get_tracing_count() == 1, jit
+        assert caplog.text.count("XLA compile took") == (jit != "none"), jit
+        with h5py.File(tmp_path / jit / "pred" / "helium.h5", "r") as f:
+            files[jit] = {name: f[name][:] for name in ("bids", "probs", "preds", "grad_cam", "images")}
+    for jit in JITS:
+        for name, expected in files["none"].items():
+            assert files[jit][name].shape == expected.shape and len(expected) == 9
+            np.testing.assert_allclose(files[jit][name], expected, atol=1e-4, err_msg=f"{jit} {name}")
 
-    def counting_step(cfg, model, maps="layer", conv=False):
-        step = make_step(cfg, model, maps, conv)
-        calls[maps] = 0
 
-        def counted(images):
-            calls[maps] += 1
-            return step(images)
-        return counted
-
-    monkeypatch.setattr(inference, "make_step", counting_step)
-    rates = inference.benchmark(small_cfg(), tiny_model(), 3, repeats=2)
-    assert rates == {"without maps": 6.0, "with maps (layer size)": 6.0, "with maps (resized)": 6.0}  # 3 x 2 shots
-    assert calls == {None: 7, "layer": 7, "resized": 7}  # a warm-up, then 3 batches a round
+def test_a_batch_larger_than_the_compiled_one_runs_in_chunks(tmp_path, model):
+    """Batches of 4 are compiled; 9 images run as three of them, the last padded."""
+    images, _ = shots(9, seed=3)
+    cfg = cfg_for(tmp_path)
+    expected = inference.make_step(cfg, model, "layer", jit="none")(images)
+    for jit in JITS:
+        got = inference.make_step(cfg, model, "layer", jit=jit)(images)
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, atol=1e-4, err_msg=f"{jit} {name}")

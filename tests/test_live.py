@@ -710,3 +710,34 @@ def test_frames_of_another_size_than_trained_warn_once(run_dir, tmp_path, caplog
     assert len(warnings) == 1
     assert warnings[0].startswith("Frames are 80x80, the model was trained on 64x64: each is centre-cropped to "
                                   "64x64 and resized to 96x96")
+
+
+def test_live_with_xla_gives_the_offline_results(run_dir, tmp_path, caplog):
+    """Live sorting with the whole step XLA-compiled (--jit_inference=all), maps for every shot, against
+    offline predict without XLA of the same frames as a run: the same probabilities, classes and maps.
+    At 128 px, so that the maps (4x4) are not trivially zero; live batches of up to 4 frames are padded."""
+    from test_euxfel import write_pnccd_run
+    images, _ = simulate.simulate(6, seed=13, size=SIZE)
+    size = ["--target_width=128", "--target_height=128"]
+    write_pnccd_run(str(tmp_path / "data" / "r0043"), images.astype(np.float32), first_train=8000)
+    assert airynet.main(["--mode=predict", f"--load_dir={run_dir}", f"--data_dir={tmp_path}/data/",
+                         "--dataset=r0043", f"--predict_dir={tmp_path}/offline", "--jit_inference=none", *size]) == 0
+    with h5py.File(tmp_path / "offline" / "r0043.h5", "r") as f:
+        offline = {bid: (p, c, m) for bid, p, c, m in zip(f["bids"][:], f["probs"][:], f["preds"][:], f["grad_cam"][:])}
+    bridge, publish = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    with Feeder(bridge, "REP", lambda i: pnccd_train(images[i % 6], 8000 + i % 6), interval=0.05), \
+            Reader(publish) as reader:
+        assert live(run_dir, tmp_path / "live", f"--bridge={bridge}", f"--publish={publish}", "--live_trains=8",
+                    "--gradcam_every=1", "--jit_inference=all", *size) == 0
+    assert caplog.text.count("XLA compile took") == 2  # the step and the maps' step, each once
+    with h5py.File(tmp_path / "live" / "live.h5", "r") as f:
+        assert len(f["bids"]) == 8
+        for bid, probs, classes in zip(f["bids"][:], f["probs"][:], f["preds"][:]):
+            np.testing.assert_allclose(probs, offline[bid][0], atol=1e-4)
+            np.testing.assert_array_equal(classes, offline[bid][1])
+    assert reader.messages, "nothing was published"  # a result waits for a request, so not every one is
+    for data, _ in reader.messages:
+        values = data[OUT]
+        maps = offline[values["trainId"]][2]
+        assert values["gradcam"].shape == (1, 11, 4, 4) and maps.max() > 0
+        np.testing.assert_allclose(values["gradcam"][0], maps, atol=1e-3)  # offline stored as float16

@@ -51,26 +51,26 @@ def maps_from_gradients(acts, grads):
     return tf.math.divide_no_nan(cams, tf.reduce_max(cams, axis=[2, 3], keepdims=True))
 
 
-def logits_and_maps(act_model, images, channels_first, class_indices=None, with_activations=False):
-    """One forward pass of `act_model` (from activation_model) plus Grad-CAM++ for the classes.
+def head_model(model, layer_name):
+    """The layers after `layer_name` as a model of their own: that layer's activations -> logits."""
+    return keras.Model(model.get_layer(layer_name).output, model.output)
 
-    Meant to run inside a tf.function. Returns logits [B, num_classes] and maps [B, C, h, w] with
-    C = len(class_indices) (all classes when None), spatial axes in NHWC order whatever the layout;
-    with_activations: also the layer's activations [B, h, w, K] (NHWC whatever the layout).
-    """
-    images = tf.convert_to_tensor(images, tf.float32)
-    # Watching the input (rather than the variables) records every op, so this works for frozen
-    # models too; only the head between the target layer and the logits is differentiated.
+
+def head_maps(head, acts, channels_first, class_indices=None):
+    """Logits [B, num_classes] and Grad-CAM++ maps [B, C, h, w] from the target layer's activations `acts`
+    (as `head`, from head_model, takes them), for the classes (all when None). The maps' spatial axes
+    are in NHWC order whatever the layout.
+
+    Only the head is run under the tape and differentiated: the forward pass up to the target layer
+    happens once, outside, and is not recorded."""
     with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(images)
-        acts, logits = act_model(images, training=False)
+        tape.watch(acts)
+        logits = head(acts, training=False)
         scores = logits if class_indices is None else tf.gather(logits, class_indices, axis=1)
     grads = tape.batch_jacobian(scores, acts)  # [B, C] + acts.shape[1:]
     if channels_first:
         acts = tf.transpose(acts, [0, 2, 3, 1])
         grads = tf.transpose(grads, [0, 1, 3, 4, 2])
-    if with_activations:
-        return logits, maps_from_gradients(acts, grads), acts
     return logits, maps_from_gradients(acts, grads)
 
 
@@ -84,8 +84,8 @@ def resize_maps(maps, size):
 def gradcam_plus_plus(model, images, layer_name, class_indices=None):
     """Grad-CAM++ maps [batch, classes, h, w] (numpy float32, in [0, 1]) at the resolution of the
     layer `layer_name`, for all classes or the listed `class_indices`, in that order."""
-    act_model = activation_model(model, layer_name)
+    act_model, head = activation_model(model, layer_name), head_model(model, layer_name)
     channels_first = is_channels_first(model)
     indices = None if class_indices is None else tf.constant(list(class_indices), tf.int32)
-    fn = tf.function(lambda x: logits_and_maps(act_model, x, channels_first, indices)[1])
+    fn = tf.function(lambda x: head_maps(head, act_model(x, training=False)[0], channels_first, indices)[1])
     return fn(tf.convert_to_tensor(images, tf.float32)).numpy()

@@ -18,10 +18,15 @@ GRADCAM_LAYER = "last_block_before_fc"
 
 
 # XLA-compiled in every mode, whatever --jit_compile says (the flag's help and the startup log say so):
-# XLA fuses the five element-wise ops into one pass over the stem's feature map, the network's largest
-# (64 x 112 x 112 per image at 224 px), instead of five; prediction and training gain a little
-# (docs/performance.md), and the function is small enough to compile quickly.
+# XLA fuses the element-wise ops, the scaling by alpha and beta included, into one pass over the stem's
+# feature map, the network's largest (64 x 112 x 112 per image at 224 px), instead of seven; prediction
+# and training gain a little (docs/performance.md), and the function is small enough to compile quickly.
+# alpha and beta are Python numbers, constants of the compiled function.
 @tf.function(jit_compile=True)
+def _log_activation(x, alpha, beta):
+    return alpha * _signed_log1p_e(x) + beta
+
+
 @tf.custom_gradient
 def _signed_log1p_e(x):
     """sign(x) * ln(1 + e|x|) with its exact derivative e / (1 + e|x|).
@@ -53,7 +58,7 @@ class LogActivation(keras.layers.Layer):
         self.beta = float(beta)
 
     def call(self, x):
-        return self.alpha * _signed_log1p_e(x) + self.beta
+        return _log_activation(x, self.alpha, self.beta)
 
     def compute_output_shape(self, input_shape):
         return input_shape
