@@ -5,6 +5,7 @@ import logging
 
 import h5py
 import numpy as np
+import tensorflow as tf
 import pytest
 
 from nn import checkpoints, config, inference, predict
