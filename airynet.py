@@ -68,8 +68,9 @@ def run(cfg):
             log.warning("--use_nchw=true: no GPU found, using channels_last (NHWC), which is faster on CPUs")
         cfg.use_nchw = False
     if cfg.mixed_precision != "none" and not tf.config.list_physical_devices("GPU"):
-        log.warning("--mixed_precision=%s: no GPU found; on CPUs mixed precision is much slower than float32 "
-                    "(bfloat16 about 12x without --jit_compile=true)", cfg.mixed_precision)
+        log.warning("--mixed_precision=%s: no GPU found; on CPUs its speed depends on the CPU (slower than float32 "
+                    "without bfloat16 units, faster with them) and it moves probabilities slightly; see "
+                    "docs/performance.md", cfg.mixed_precision)
     # Set on every run, "none" included: the policy is global and must not leak into a later run in this process.
     keras.mixed_precision.set_global_policy(MIXED_PRECISION_POLICIES[cfg.mixed_precision])
 
