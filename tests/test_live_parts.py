@@ -77,12 +77,9 @@ def test_trains_without_frames_are_skipped_before_the_classifier(caplog):
     assert caplog.text.count("skipping messages with no frames") == 1
 
 
-def test_a_persistent_zmq_error_is_retried_with_growing_waits(monkeypatch, caplog):
-    """A socket that fails on every read: each try comes after a wait twice as long as the one before, up
-    to 5 s, logged once; never a loop that spins a core."""
-    reads, waits = [], []
-
-    class FailingClient:
+def bridge_client(reply):
+    """A stand-in for karabo_bridge.Client whose next() returns (or raises) what `reply()` does."""
+    class Client:
         def __init__(self, *args, **kwargs):
             pass
 
@@ -93,10 +90,20 @@ def test_a_persistent_zmq_error_is_retried_with_growing_waits(monkeypatch, caplo
             pass
 
         def next(self):
-            reads.append(1)
-            if len(reads) > 1000:  # ends the test where nothing waits
-                receiver.stopping.set()
-            raise zmq.ZMQError(zmq.EFSM)
+            return reply()
+    return Client
+
+
+def test_a_persistent_zmq_error_is_retried_with_growing_waits(monkeypatch, caplog):
+    """A socket that fails on every read: each try comes after a wait twice as long as the one before, up
+    to 5 s, logged once; never a loop that spins a core."""
+    reads, waits = [], []
+
+    def fail():
+        reads.append(1)
+        if len(reads) > 1000:  # ends the test where nothing waits
+            receiver.stopping.set()
+        raise zmq.ZMQError(zmq.EFSM)
 
     class RecordedStop(threading.Event):
         def wait(self, timeout=None):
@@ -105,7 +112,7 @@ def test_a_persistent_zmq_error_is_retried_with_growing_waits(monkeypatch, caplo
                 self.set()
             return self.is_set()
 
-    monkeypatch.setattr(karabo_bridge, "Client", FailingClient)
+    monkeypatch.setattr(karabo_bridge, "Client", bridge_client(fail))
     receiver = Receiver("tcp://127.0.0.1:1", "SUB", capacity=1)
     receiver.stopping = RecordedStop()
     receiver.run()  # in this thread: it returns once stopped
@@ -199,20 +206,7 @@ def test_modules_missing_in_a_message_are_zero_and_each_message_brings_its_own(c
 def test_raw_modules_stop_the_run_with_one_line(monkeypatch):
     """RAW data is what the bridge sends, not one bad message: the reading thread stops, and the main thread
     raises the line offline raises, naming the bridge."""
-    class RawBridge:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def next(self):
-            return agipd_message(7, range(16), stage="DET")
-
-    monkeypatch.setattr(karabo_bridge, "Client", RawBridge)
+    monkeypatch.setattr(karabo_bridge, "Client", bridge_client(lambda: agipd_message(7, range(16), stage="DET")))
     receiver = Receiver("tcp://127.0.0.1:1", "SUB", capacity=4)
     receiver.run()  # in this thread: it returns on the error
     with pytest.raises(AiryNetError) as error:
