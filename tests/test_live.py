@@ -730,7 +730,7 @@ def test_live_with_xla_gives_the_offline_results(run_dir, tmp_path, caplog):
         assert live(run_dir, tmp_path / "live", f"--bridge={bridge}", f"--publish={publish}", "--live_trains=8",
                     "--gradcam_every=1", "--jit_inference=all", *size) == 0
     assert caplog.text.count("XLA compile took") == 2  # the step and the maps' step, each once
-    with h5py.File(tmp_path / "live" / "live.h5", "r") as f:
+    with h5py.File(only(tmp_path / "live", "*.h5"), "r") as f:
         assert len(f["bids"]) == 8
         for bid, probs, classes in zip(f["bids"][:], f["probs"][:], f["preds"][:]):
             np.testing.assert_allclose(probs, offline[bid][0], atol=1e-4)
