@@ -55,6 +55,8 @@ def run(cfg):
         if overridden:
             log.warning("Flags given on the command line override the run's saved config: %s",
                         ", ".join(f"--{k}" for k in overridden))
+    if cfg.mode == "train":
+        config.take_init_config(cfg)
     with native_stderr_silenced(cfg.log_level != "DEBUG"):
         import keras
         import tensorflow as tf
