@@ -94,6 +94,9 @@ def dispatch(cfg, recipe):
         return evaluate.evaluate(cfg, recipe)
     from nn import checkpoints
     model, _ = checkpoints.restore_model(cfg, recipe)
+    if cfg.mode == "label":
+        from nn.labelling import app
+        return app.run(cfg, recipe, model)
     if cfg.mode == "live":
         from nn.beamline import live
         return live.run(cfg, recipe, model)
