@@ -6,6 +6,7 @@ it. The order is computed once, from the loaded run's network, at start: restart
 run (--load_dir) recomputes it; the shots already in the label file (or marked not a droplet) are never
 offered again.
 """
+import os
 import threading
 
 import numpy as np
@@ -52,6 +53,9 @@ class Session:
         rule = checkpoints.decision_thresholds(cfg)
         self.thresholds = np.full(cfg.num_classes, 0.5, np.float32) if rule is None else rule
         self.order = selection.order(cfg.select, self.probabilities, self.thresholds, features, cfg.random_seed)
+        folder = os.path.dirname(os.path.abspath(cfg.labels))
+        if not os.path.isdir(folder):
+            raise AiryNetError(f"--labels={cfg.labels}: the folder {folder} does not exist")
         self.file = open_label_file(cfg.labels, cfg.num_classes)
         self.rejects = RejectList(cfg.labels)
         self.done = set(self.file.ids) | set(self.rejects.ids)
