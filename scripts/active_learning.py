@@ -32,7 +32,7 @@ import airynet  # noqa: E402
 from nn.files import atomic_file  # noqa: E402
 
 POOL_OFFSET, TEST_OFFSET = 300000, 400000
-CALIBRATED_SCORE = "macro_f1"
+SCORE = "macro_f1"
 
 
 def make_data(out, seed, pool, test, size):
@@ -103,7 +103,7 @@ def score(args, run_dir):
     assert airynet.main(["--mode=eval", f"--load_dir={run_dir}", f"--data_dir={args.out}/data/",
                          f"--dataset=test_s{args.seed}", "--batch_size=24", "--num_worker=2"]) == 0
     with open(os.path.join(run_dir, "eval", "metrics.json")) as f:
-        return json.load(f)[CALIBRATED_SCORE]
+        return json.load(f)[SCORE]
 
 
 def own_copy(run_dir, copy):

@@ -105,7 +105,7 @@ def test_api_five_labels_kill9_restart_and_the_file_trains(run_dir, tfrecord_dir
         for k in range(5):
             shot = server.call("/api/next")[1]
             vector = ROUND if k % 2 else [1, 0, 1] + [0] * 7 + [0]  # round, or elliptical
-            assert server.call("/api/label", {"id": shot["id"], "classes": vector}) [0] == 200
+            assert server.call("/api/label", {"id": shot["id"], "classes": vector})[0] == 200
             saved.append((shot["id"], vector))
         assert server.call("/api/label", {"id": saved[0][0], "classes": ROUND})[0] == 409
         status, refused = server.call("/api/label", {"id": server.call("/api/next")[1]["id"],
