@@ -191,13 +191,14 @@ def plot(found, path):
     for arm, marker in (("uncertain", "o"), ("random", "s"), ("diverse", "^"), ("scratch", "x")):
         points = sorted((int(k.rsplit("_", 1)[1]), np.array(list(v.values()))) for k, v in found.items()
                         if k.rsplit("_", 1)[0] == arm)
-        if arm != "scratch" and none:
+        if not points:
+            continue
+        if arm != "scratch" and none:  # every strategy starts from the pretrained run with no labels
             points = [(0, np.array(list(none.values())))] + points
-        if points:
-            x = [p[0] for p in points]
-            ax.errorbar(x, [p[1].mean() for p in points], yerr=[p[1].std(ddof=1) if len(p[1]) > 1 else 0 for p in points],
-                        marker=marker, capsize=3, label=arm + (" (from scratch)" if arm == "scratch" else ""),
-                        linestyle="none" if arm == "scratch" else "-")
+        x = [p[0] for p in points]
+        ax.errorbar(x, [p[1].mean() for p in points], yerr=[p[1].std(ddof=1) if len(p[1]) > 1 else 0 for p in points],
+                    marker=marker, capsize=3, label="from scratch, uncertain's labels" if arm == "scratch" else arm,
+                    linestyle="none" if arm == "scratch" else "-")
     ax.set_xlabel("labelled shifted shots")
     ax.set_ylabel("macro-F1 on held-out shifted shots")
     ax.grid(alpha=0.3)
