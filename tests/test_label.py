@@ -224,3 +224,17 @@ def test_browser_keys_label_a_shot_and_a_contradiction_is_refused(run_dir, tfrec
         assert read_records(labels)[0] == []
     finally:
         server.kill()
+
+
+def test_label_mode_flags_are_checked(tmp_path):
+    from nn import config
+    with pytest.raises(config.AiryNetError, match="--labels=: --mode=label needs a file ending in .tfrecord"):
+        make_cfg("--mode=label", f"--load_dir={tmp_path}")
+    with pytest.raises(config.AiryNetError, match="--labels=x.txt"):
+        make_cfg("--mode=label", f"--load_dir={tmp_path}", "--labels=x.txt")
+    with pytest.raises(config.AiryNetError, match="--load_dir: --mode=label needs"):
+        make_cfg("--mode=label", "--labels=x.tfrecord")
+    with pytest.raises(config.AiryNetError, match="--label_pool=0"):
+        make_cfg("--label_pool=0")
+    with pytest.raises(config.AiryNetError, match="--select"):
+        make_cfg("--select=smart")
