@@ -278,3 +278,51 @@ def test_stream_drops_oldest_and_skips_malformed(monkeypatch):
         source.close()
         pub.close(linger=0)
         context.term()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A ResNet-18 trained for two steps on 32 px synthetic shots."""
+    root = tmp_path_factory.mktemp("view_run")
+    assert airynet.main(["--mode=train", "--dataset=synthetic", f"--data_dir={root}/none/", f"--log_dir={root}",
+                         "--out_dir_name=r", "--train_steps=2", "--steps_per_eval=2", "--eval_steps=1",
+                         f"--target_width={SIZE}", f"--target_height={SIZE}", f"--ori_width={SIZE}",
+                         f"--ori_height={SIZE}", "--batch_size=4", "--dataset_size=16", "--use_nchw=false"]) == 0
+    return str(root / "synthetic_r")
+
+
+def shots_on_page(page):
+    return int(page.inner_text("#totals").split(" shots")[0])
+
+
+def test_live_run_publishing_counts_rise(browser, tiny_run, tmp_path):
+    images, _ = simulate.simulate(8, seed=2, size=SIZE)
+    bridge, publish = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    source = StreamSource(publish, "SUB")
+    running = Running(view.build_app(source), "127.0.0.1")
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{running.port}/")
+        page.wait_for_function("document.querySelector('#state').textContent.startsWith('waiting for data from')")
+        with Feeder(bridge, "REP", lambda i: pnccd_train(images[i % 8], 100 + i), interval=0.05):
+            live = threading.Thread(target=airynet.main, args=([
+                "--mode=live", f"--load_dir={tiny_run}", f"--bridge={bridge}", f"--publish={publish}",
+                "--publish_socket=PUB", "--gradcam_every=2", "--live_trains=24", "--live_seconds=60", "--jit_inference=none",
+                f"--predict_dir={tmp_path}", "--batch_size=4"],), daemon=True)
+            live.start()
+            page.wait_for_function("parseInt(document.querySelector('#totals').textContent) > 0", timeout=60000)
+            first = shots_on_page(page)
+            page.wait_for_function(f"parseInt(document.querySelector('#totals').textContent) > {first}",
+                                   timeout=30000)
+            live.join(60)
+        assert not live.is_alive()
+        page.wait_for_function("parseInt(document.querySelector('#totals').textContent) == 24", timeout=10000)
+        assert sum(page_counts(page).values()) == int(source.table.counts.sum()) > 0
+        page.wait_for_selector("#grid .shot img")
+        assert _pixels(page.locator("#grid .shot img").first.screenshot()).std() > 5
+        assert "dropped by the view 0, malformed 0" in page.inner_text("#stream")
+        assert len(source.maps) == 12 and source.thresholds == [0.5] * 11
+    finally:
+        page.close()
+        running.stop()
+        source.close()
