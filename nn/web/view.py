@@ -112,14 +112,14 @@ def build_app(source, token=None):
             raise LookupError(shot_id)
         return table, row, shot_id
 
-    async def api_shot(request):
+    def api_shot(request):  # plain functions run in Starlette's thread pool: file reads never hold up the API
         table, row, shot_id = find(request)
         shot = table.shot(row)
         shot["maps"] = [n for c, n in enumerate(table.class_names) if source.heat(shot_id, c) is not None]
         shot["image"] = source.image(shot_id) is not None
         return JSONResponse(shot)
 
-    async def api_image(request):
+    def api_image(request):
         table, _, shot_id = find(request)
         image = source.image(shot_id)
         if image is None:
