@@ -577,7 +577,8 @@ def live_run(args, port, setup, *flags):
         server.wait()
     summary = next(line for line in lines if line.startswith("live: received"))
     received, trains, processed, _, dropped, _, seconds = (float(v) for v in re.findall(r"[\d.]+", summary)[:7])
-    return processed / seconds, float(re.search(r"p99 ([\d.]+) s", summary)[1]), received, processed, dropped
+    p99 = re.search(r"p99 ([\d.]+) s", summary)  # nan when nothing was processed
+    return processed / seconds if seconds else 0.0, float(p99[1]) if p99 else float("nan"), received, processed, dropped
 
 
 def bench_live(args):
@@ -608,7 +609,7 @@ def bench_live(args):
 
 def bench_live_view(args):
     """Live sorting publishing (PUB, images on) without and with a view attached (airynet.py --mode=view
-    subscribed, and a client fetching what the page fetches once a second: summary, 24 shots, their
+    subscribed, and a client fetching what the page fetches twice a second: summary, 24 shots, their
     images), taking turns; the view and the client are processes of their own, as at a beamline."""
     setup = live_setup(args, offline=False)
     print(f"live without and with a view: {args.frames} pnCCD-like frames 1024x1024, ResNet-{args.resnet_size} at "
@@ -636,7 +637,7 @@ def bench_live_view(args):
           f"{with_view / without:.3f}x")
 
 
-# argv: base URL. What the page fetches once a second: the summary, a page of 24 shots and their images.
+# argv: base URL. What the page fetches twice a second: the summary, a page of 24 shots and their images.
 PAGE_CLIENT = """
 import json, sys, time, urllib.request
 base = sys.argv[1]
@@ -647,7 +648,7 @@ def get(path):
     except OSError:
         return None
 while True:
-    time.sleep(1)
+    time.sleep(0.5)
     get("/api/summary")
     page = get("/api/shots?limit=24")
     for shot in json.loads(page)["shots"] if page else []:

@@ -6,7 +6,8 @@ process of its own:
         a PUB publisher sends --publish's messages (probabilities, classes, 8-bit images at --size px, maps of
         every --gradcam_every-th shot) at the given rate; the view subscribes. Reported: messages sent,
         received, dropped and malformed by the view, its CPU per shot, and how long a published train
-        takes to be listed by the API (/api/shots, polled every 20 ms as a page would, for every 10th train).
+        takes to be listed by the API (/api/shots polled every 20 ms, for every 10th train) or, with --browser,
+        to be on the page in Chromium.
     python scripts/benchmark_view.py file --shots=100000 --size=64
         writes a stacked prediction file (gzip, images, maps) once, then times the view from start to its
         first /api/summary answer, and pages (/api/shots, 24 shots) at several offsets, filtered and sorted,
@@ -77,6 +78,8 @@ def bench_stream(args):
     prepared = [message(0, args.shots, args.size, args.gradcam_every, rng) for _ in range(8)]
     proc, base, _ = start_view(endpoint, "--view_socket=SUB")
     view = psutil.Process(proc.pid)
+    browser = _Browser(base) if args.browser else None
+    shown_after = browser.shown_after if browser else (lambda train, sent_at: _listed_after(base, train, sent_at))
     try:
         time.sleep(1.0)  # the subscription reaches the publisher
         cpu0, sent, delays = view.cpu_times(), 0, []
@@ -87,24 +90,27 @@ def bench_stream(args):
             train = 10 ** 6 + sent
             pub.send_multipart(serialize(*_retagged(prepared[sent % len(prepared)], train)))
             if sent % 10 == 0:
-                delays.append(_listed_after(base, train, time.monotonic()))
+                delays.append(shown_after(train, time.monotonic()))
             sent += 1
         time.sleep(1.0)
         cpu1 = view.cpu_times()
         summary = json.loads(get(base + "/api/summary"))
     finally:
+        if browser:
+            browser.close()
         proc.terminate()
         proc.wait()
         pub.close(linger=0)
         context.term()
     cpu = cpu1.user + cpu1.system - cpu0.user - cpu0.system
+    missed = sum(d is None for d in delays)  # not shown within 3 s
     delays = [d for d in delays if d is not None]
     print(f"stream: {sent} trains of {args.shots} shots ({args.trains_per_s}/s, {args.size} px images, maps every "
           f"{args.gradcam_every}) in {args.seconds:.0f} s; view received {summary['messages']}, dropped "
           f"{summary['dropped']}, malformed {summary['malformed']}, shots {summary['shots']}; view CPU "
           f"{cpu:.1f} s = {1e6 * cpu / max(1, summary['shots']):.0f} us a shot ({100 * cpu / args.seconds:.0f}% of a "
-          f"core); published -> listed by /api/shots: median {1000 * statistics.median(delays):.0f} ms, max "
-          f"{1000 * max(delays):.0f} ms over {len(delays)} trains")
+          f"core); published -> {'on the page in Chromium' if args.browser else 'listed by /api/shots'}: median {1000 * statistics.median(delays):.0f} ms, max "
+          f"{1000 * max(delays):.0f} ms over {len(delays)} trains, {missed} not within 3 s")
 
 
 def _retagged(frames, train):
@@ -124,6 +130,30 @@ def _listed_after(base, train, sent_at, timeout=3.0):
             return time.monotonic() - sent_at
         time.sleep(0.02)
     return None
+
+
+class _Browser:
+    """The page in Chromium (Playwright), to time a train from its publication to its card on the page."""
+
+    def __init__(self, base):
+        from playwright.sync_api import sync_playwright
+        self.playwright = sync_playwright().start()
+        self.browser = self.playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        self.page = self.browser.new_page()
+        self.page.goto(base + "/")
+
+    def shown_after(self, train, sent_at, timeout=3.0):
+        try:
+            self.page.wait_for_function(f"[...document.querySelectorAll('#grid .shot')].some("
+                                        f"e => e.textContent.includes('train {train},'))", timeout=1000 * timeout,
+                                        polling=10)
+        except Exception:  # not within the timeout
+            return None
+        return time.monotonic() - sent_at
+
+    def close(self):
+        self.browser.close()
+        self.playwright.stop()
 
 
 def write_file(path, shots, size):
@@ -181,6 +211,8 @@ def main():
     p.add_argument("--gradcam_every", type=int, default=16)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--browser", action="store_true",
+                   help="stream: time each train until its card is on the page in Chromium, not until the API lists it")
     p.add_argument("--work", default="/tmp/airynet-bench")
     args = p.parse_args()
     if args.shots is None:

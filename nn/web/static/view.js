@@ -1,6 +1,7 @@
-// AiryNet's view: polls the JSON API (docs/view.md) once a second; no libraries, no build step.
+// AiryNet's view: polls the JSON API (docs/view.md) twice a second; no libraries, no build step.
 "use strict";
 const $ = (id) => document.getElementById(id);
+const POLL_MS = 500;  // a published shot is on the page within a second: half of it waiting, the rest to spare
 const state = { names: [], offset: 0, limit: 24, summary: null, shown: "", thresholds: null };
 const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                  "#bcbd22", "#17becf", "#444"];
@@ -160,10 +161,13 @@ async function showShot(id) {
 function changed() {
   state.offset = 0;
   state.shown = "";
+  state.busy = false;  // a choice of the user's goes out at once
   refresh();
 }
 
 async function refresh() {
+  if (state.busy) return;  // the last refresh has not finished: skip this one rather than pile them up
+  state.busy = true;
   try {
     const s = await (await fetch("/api/summary")).json();
     state.summary = s;
@@ -171,12 +175,14 @@ async function refresh() {
     await loadShots();
   } catch (e) {
     $("state").textContent = `no answer from the view (${e})`;
+  } finally {
+    state.busy = false;
   }
 }
 
 for (const id of ["cls", "prob", "min", "max", "sort", "map"]) $(id).onchange = changed;
-$("prev").onclick = () => { state.offset = Math.max(0, state.offset - state.limit); refresh(); };
-$("next").onclick = () => { state.offset += state.limit; refresh(); };
+$("prev").onclick = () => { state.offset = Math.max(0, state.offset - state.limit); state.busy = false; refresh(); };
+$("next").onclick = () => { state.offset += state.limit; state.busy = false; refresh(); };
 $("close").onclick = () => { $("detail").hidden = true; };
 refresh();
-setInterval(refresh, 1000);
+setInterval(refresh, POLL_MS);
