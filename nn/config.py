@@ -265,7 +265,7 @@ def build_parser():
     g.add_argument("--view_host", type=str, default="127.0.0.1",
                    help="Address the view listens on; any other than loopback needs the token it logs at start.")
     g.add_argument("--view_port", type=int, default=None,
-                   help="Port the view listens on (default: the first free of 8600..8609).")
+                   help="Port the view listens on (default: the first free of 8600..8609; 0: any free port).")
 
     g = p.add_argument_group("labelling")  # --mode=label (docs/labelling.md)
     g.add_argument("--labels", type=str, default="",
@@ -361,8 +361,8 @@ def validate_live(cfg):
 
 
 def validate_view(cfg):
-    if cfg.view_port is not None and not 0 < cfg.view_port < 65536:
-        raise AiryNetError(f"--view_port={cfg.view_port}: must be a port number, 1..65535")
+    if cfg.view_port is not None and not 0 <= cfg.view_port < 65536:
+        raise AiryNetError(f"--view_port={cfg.view_port}: must be a port number, 0..65535")
     if cfg.mode == "view" and not cfg.view_source:
         raise AiryNetError("--view_source: --mode=view needs a prediction file, a folder of shard files or a "
                            "live run's tcp://HOST:PORT")
