@@ -30,6 +30,8 @@ PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "pr
                   "h5_layout", "h5_compression", "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile",
                   "jit_inference", "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish",
                   "publish_socket", "gradcam_every", "live_trains", "live_seconds", "thresholds", "pulses"}
+# A detector mask belongs to the data read now, not to the run (a trained model meets other detectors).
+PER_INVOCATION |= {"mask", "mask_good"}
 
 
 class AiryNetError(Exception):
@@ -120,6 +122,13 @@ def build_parser():
     g.add_argument("--cxi_labels", type=str, default="",
                    help="Path of the label dataset inside stacked CXI files (default: the first of "
                         "entry_1/data_1/labels, entry_1/labels, labels that exists).")
+    g.add_argument("--mask", type=str, default="",
+                   help="Detector mask of the frames as stored or assembled (before the crop): FILE.npy or "
+                        "FILE.h5:/path/to/dataset, nonzero = bad; masked pixels read 0 in every mode. Given per "
+                        "invocation, never taken from a run's config.json.")
+    g.add_argument("--mask_good", type=str2bool, default=False,
+                   help="--mask marks good pixels with nonzero (1 = good, 0 = bad), as Cheetah and CrystFEL "
+                        "write masks.")
 
     g = p.add_argument_group("training")
     g.add_argument("--recipe", type=str, default="paper", choices=("paper", "modern"),
@@ -376,6 +385,15 @@ def merge_run_config(cfg, run_dir):
         setattr(cfg, key, value)
     _refuse_ignored_data_dir(cfg, taken, run_dir)
     return differing
+
+
+def saved_mask(run_dir):
+    """The --mask a run was trained with, from its config.json ("" for none, or no readable config)."""
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            return json.load(f).get("mask", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _refuse_ignored_data_dir(cfg, taken, run_dir):
