@@ -124,8 +124,9 @@ def build_parser():
                         "entry_1/data_1/labels, entry_1/labels, labels that exists).")
     g.add_argument("--mask", type=str, default="",
                    help="Detector mask of the frames as stored or assembled (before the crop): FILE.npy or "
-                        "FILE.h5:/path/to/dataset, nonzero = bad; masked pixels read 0 in every mode. Given per "
-                        "invocation, never taken from a run's config.json.")
+                        "FILE.h5:/path/to/dataset, nonzero = bad; masked pixels read 0 in every mode, and the "
+                        "recipe's area downsampling leaves them out. Given per invocation, never taken from a "
+                        "run's config.json.")
     g.add_argument("--mask_good", type=str2bool, default=False,
                    help="--mask marks good pixels with nonzero (1 = good, 0 = bad), as Cheetah and CrystFEL "
                         "write masks.")

@@ -16,7 +16,7 @@ from conftest import SIZE, make_cfg
 from nn.inputs import cxi, data, masks, simulate, tfrecord
 from nn.inputs.preprocess import preprocess
 from nn.outputs import provenance
-from nn.recipe import PAPER
+from nn.recipe import PAPER, resolve
 from nn.config import AiryNetError
 
 # 32 px frames, no resize: the network's input is the frame itself (raw counts), pixel for pixel.
@@ -122,6 +122,22 @@ def test_the_mask_comes_before_the_crop_and_resize(shots32):
     assert not np.allclose(with_mask, preprocess(big[..., None], cfg, PAPER).numpy())
 
 
+def test_area_downsampling_leaves_masked_pixels_out(shots32):
+    images, _ = shots32
+    bad = np.zeros((32, 32), bool)
+    bad[:, 9] = True               # a gap inside areas: left out
+    bad[16:20, 16:20] = True       # one whole area: MASKED_VALUE
+    bad[0, 0] = True
+    cfg = make_cfg(*SAME[:2], "--target_width=8", "--target_height=8", "--recipe=modern")
+    got = preprocess(images[..., None], cfg, resolve(cfg), mask=bad).numpy()[..., 0]
+    blocks = images.astype(np.float64).reshape(-1, 8, 4, 8, 4).transpose(0, 1, 3, 2, 4)
+    good = ~bad.reshape(8, 4, 8, 4).transpose(0, 2, 1, 3)
+    sums, counts = (blocks * good).sum(axis=(3, 4)), good.sum(axis=(2, 3))
+    expected = np.where(counts > 0, sums / np.maximum(counts, 1), masks.MASKED_VALUE)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert (got[:, 4, 4] == masks.MASKED_VALUE).all() and (got[:, :, 2] > 0).all()
+
+
 def test_live_classifier_masks_its_frames_the_same_way(shots32):
     from nn.beamline.classifier import Classifier
     from nn.inputs import detectors
@@ -204,3 +220,20 @@ def test_fixed_detector_is_the_same_in_every_shot_and_its_mask_says_where():
     np.testing.assert_array_equal(images, again)
     other = simulate.fixed_detector(6, 128, simulate.SHIFTED)
     assert (other.mask() != fixed.mask()).any()
+
+
+def test_euxfel_corr_runs_own_mask_is_applied_and_said_once(tmp_path, caplog):
+    from test_modular import KINDS, extra_geom_frames, our_shots, write_xtdf_run
+    run = write_xtdf_run(str(tmp_path / "r0042"), "AGIPD", trains=1, pulses=2)
+    with h5py.File(os.path.join(run, "CORR-R0042-AGIPD03-S00000.h5"), "r+") as f:
+        f["INSTRUMENT/SPB_DET_AGIPD1M-1/CORR/3CH0:output/image/mask"][:, 10:20, 5:50] = 4
+    plain = extra_geom_frames(run, "AGIPD")[0]   # image.data alone: the mask left out
+    with caplog.at_level(logging.INFO, logger="airynet"):
+        ours = our_shots(run)[0]
+    marked = np.zeros((16, 512, 128))
+    marked[3, 10:20, 5:50] = 1
+    where = KINDS["AGIPD"][4].position_modules(marked)[0] == 1   # the masked pixels, assembled by EXtra-geom
+    assert where.sum() == 10 * 45 and (plain[:, where] != 0).all()
+    np.testing.assert_array_equal(ours, np.where(where, masks.MASKED_VALUE, plain))
+    said = [r.getMessage() for r in caplog.records if "applying the run's own mask" in r.getMessage()]
+    assert len(said) == 1 and "image.mask" in said[0]

@@ -22,7 +22,8 @@ log = logging.getLogger("airynet")
 
 # What masked pixels read: what the simulator's beam stop, gaps and dead pixels, the CXI readers' masked
 # pixels and EuXFEL's missing modules read too, so that a mask turns bad pixels into what the network has
-# always seen where a detector records nothing (docs/results.md, Detector masks).
+# always seen where a detector records nothing. The recipe's area downsampling leaves them out of each
+# area's mean (nn/inputs/preprocess.py: area_resize), which needs this to be 0.
 MASKED_VALUE = 0
 HDF5_SUFFIXES = (".h5", ".hdf5", ".cxi", ".nxs")
 
@@ -69,8 +70,9 @@ def load(spec, good, shape):
                            f"{shape[0]}x{shape[1]} (assembled, before the crop)")
     bad = (values == 0) if good else (values != 0)
     bad.setflags(write=False)
-    log.info("--mask=%s: %d of %d pixels (%.2f%%) masked (%s), set to %s before the crop", spec, bad.sum(),
-             bad.size, 100 * bad.mean(), "zero = bad" if good else "nonzero = bad", MASKED_VALUE)
+    log.info("--mask=%s: %d of %d pixels (%.2f%%) masked (%s): set to %s before the crop, left out of area "
+             "downsampling", spec, bad.sum(), bad.size, 100 * bad.mean(), "zero = bad" if good else "nonzero = bad",
+             MASKED_VALUE)
     return bad
 
 

@@ -41,6 +41,8 @@ the same physics sampled more or less finely. Counts per pixel do not depend on 
 Detector model (version 2): photons ~ Poisson(intensity x solid angle); ADU = gain x photons +
 Gaussian readout noise, rounded, clipped to [0, saturation]; hot pixels read a large value; the
 beam stop, its holder, the module gaps and dead pixels read 0 (as the pipeline's CXI masks do).
+`fixed_detector` draws these once for a whole set, as at a beamline (`simulate(..., fixed=)`; its
+`mask()` is what `--mask` takes); each shot's other draws stay those of the per-shot detector.
 """
 import dataclasses
 from typing import NamedTuple
