@@ -198,9 +198,13 @@ def test_the_mask_is_recorded_in_eval_metrics_and_prediction_attributes(tmp_path
     with open(os.path.join(run, "eval", "metrics.json")) as f:
         recorded = json.load(f)
     assert recorded["mask"] == f"{tmp_path}/g.npy" and recorded["mask_polarity"] == "nonzero = good"
-    cfg = make_cfg(f"--mask={tmp_path}/m.npy")
-    attrs = provenance.attributes(cfg, "tfrecord")
-    assert attrs["mask"] == f"{tmp_path}/m.npy" and attrs["mask_polarity"] == "nonzero = bad"
+    assert airynet.main(["--mode=predict", f"--load_dir={run}", f"--predict_dir={tmp_path}/p", "--gradcam=false",
+                         f"--mask={tmp_path}/m.npy"]) == 0
+    with h5py.File(tmp_path / "p" / "helium.h5", "r") as f:
+        assert f.attrs["mask"] == f"{tmp_path}/m.npy" and f.attrs["mask_polarity"] == "nonzero = bad"
+        images = f["images"][:]
+    diagonal = np.arange(32)   # the mask's diagonal, cropped from 40 to 32 px: the diagonal of what was fed
+    assert (images[:, diagonal, diagonal] == 0).all() and (images[:, diagonal[1:], diagonal[:-1]] > 0).any()
     assert "mask" not in provenance.attributes(make_cfg(), "tfrecord")
 
 
