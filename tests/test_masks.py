@@ -241,3 +241,21 @@ def test_euxfel_corr_runs_own_mask_is_applied_and_said_once(tmp_path, caplog):
     np.testing.assert_array_equal(ours, np.where(where, masks.MASKED_VALUE, plain))
     said = [r.getMessage() for r in caplog.records if "applying the run's own mask" in r.getMessage()]
     assert len(said) == 1 and "image.mask" in said[0]
+
+
+def test_saved_model_keeps_the_mask(tmp_path):
+    from nn import export
+    from nn.models import networks
+    bad = np.zeros((SIZE, SIZE), bool)
+    bad[5:9, :] = bad[:, 30] = True
+    np.save(tmp_path / "m.npy", bad)
+    cfg = make_cfg(f"--save_dir={tmp_path / 'model'}", "--use_nchw=false", f"--mask={tmp_path}/m.npy")
+    model = networks.build_model(cfg)
+    export.save(cfg, PAPER, model)
+    serve = tf.saved_model.load(str(tmp_path / "model")).signatures["serving_default"]
+    raw = np.random.default_rng(0).gamma(0.3, 300.0, (3, SIZE, SIZE, 1)).astype(np.float32) + 1
+    zeroed = np.where(bad[None, :, :, None], 0, raw)   # by numpy, preprocessed without a mask
+    expected = tf.sigmoid(model(preprocess(zeroed, make_cfg(), PAPER), training=False)).numpy()
+    np.testing.assert_allclose(serve(images=tf.constant(raw))["probabilities"].numpy(), expected, atol=1e-5)
+    unmasked = tf.sigmoid(model(preprocess(raw, make_cfg(), PAPER), training=False)).numpy()
+    assert np.abs(unmasked - expected).max() > 1e-4
