@@ -55,6 +55,11 @@ def run(cfg):
         if overridden:
             log.warning("Flags given on the command line override the run's saved config: %s",
                         ", ".join(f"--{k}" for k in overridden))
+        trained_mask = config.saved_mask(cfg.load_dir)
+        if trained_mask != cfg.mask:  # the mask is the data's (per invocation), but say when it changed
+            log.warning("The run was trained with %s; this %s reads its data with %s",
+                        f"--mask={trained_mask}" if trained_mask else "no --mask", cfg.mode,
+                        f"--mask={cfg.mask}" if cfg.mask else "no mask")
     if cfg.mode == "train":
         config.take_init_config(cfg)
     with native_stderr_silenced(cfg.log_level != "DEBUG"):

@@ -31,7 +31,9 @@ PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "pr
                   "jit_inference", "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish",
                   "publish_socket", "publish_images", "gradcam_every", "live_trains", "live_seconds", "thresholds", "pulses",
                   "view_source", "view_socket", "view_host", "view_port", "labels", "select",
-                  "label_pool"}
+                  "label_pool",
+                  # A detector mask belongs to the data read now, not to the run (a trained model meets other detectors).
+                  "mask", "mask_good"}
 # What --init_from takes from the run it starts from: the network and how its input is prepared. An explicit
 # flag that differs would give the weights a network or an input they were not trained for.
 INIT_FLAGS = ("airynet_type", "resnet_size", "vgg_size", "num_classes", "single_label", "relu_leakiness",
@@ -128,6 +130,14 @@ def build_parser():
     g.add_argument("--cxi_labels", type=str, default="",
                    help="Path of the label dataset inside stacked CXI files (default: the first of "
                         "entry_1/data_1/labels, entry_1/labels, labels that exists).")
+    g.add_argument("--mask", type=str, default="",
+                   help="Detector mask of the frames as stored or assembled (before the crop): FILE.npy or "
+                        "FILE.h5:/path/to/dataset, nonzero = bad; masked pixels read 0 in every mode, and the "
+                        "recipe's area downsampling leaves them out. Given per invocation, never taken from a "
+                        "run's config.json.")
+    g.add_argument("--mask_good", type=str2bool, default=False,
+                   help="--mask marks good pixels with nonzero (1 = good, 0 = bad), as Cheetah and CrystFEL "
+                        "write masks.")
 
     g = p.add_argument_group("training")
     g.add_argument("--recipe", type=str, default="paper", choices=("paper", "modern"),
@@ -468,6 +478,15 @@ def merge_run_config(cfg, run_dir):
         setattr(cfg, key, value)
     _refuse_ignored_data_dir(cfg, taken, run_dir)
     return differing
+
+
+def saved_mask(run_dir):
+    """The --mask a run was trained with, from its config.json ("" for none, or no readable config)."""
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            return json.load(f).get("mask", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _refuse_ignored_data_dir(cfg, taken, run_dir):

@@ -9,7 +9,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from nn import checkpoints, config, metrics
-from nn.inputs import data
+from nn.inputs import data, masks
 from nn.models import networks
 from nn.config import AiryNetError
 from nn.files import atomic_file
@@ -45,7 +45,7 @@ def evaluate(cfg, recipe):
         raise AiryNetError(f"{data.dataset_dir(cfg)}: the eval data holds no shots")
 
     names = config.class_names(cfg)
-    result = {"step": step, "shots": int(sum(len(s) for s in scores)),
+    result = {"step": step, "shots": int(sum(len(s) for s in scores)), **masks.record(cfg.mask, cfg.mask_good),
               **metrics.metrics_from_counts(counts, names)}
     scores, truths = np.concatenate(scores), np.concatenate(truths)
     for c, threshold, ece in zip(result["per_class"], _listed(thresholds, len(names)),

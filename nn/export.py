@@ -21,6 +21,7 @@ import tensorflow as tf
 from nn import checkpoints
 from nn.models import networks
 from nn.config import AiryNetError, first_line
+from nn.inputs import masks
 from nn.inputs.preprocess import preprocess
 
 log = logging.getLogger("airynet")
@@ -32,10 +33,11 @@ class Serving(tf.Module):
         self.model = model
         spec = tf.TensorSpec([None, cfg.ori_height, cfg.ori_width, cfg.ori_depth], tf.float32, name="images")
         thresholds = checkpoints.decision_thresholds(cfg)
+        mask = masks.load(cfg.mask, cfg.mask_good, (cfg.ori_height, cfg.ori_width))  # kept in the SavedModel
 
         @tf.function(input_signature=[spec])
         def serve(images):
-            logits = model(preprocess(images, cfg, recipe, training=False), training=False)
+            logits = model(preprocess(images, cfg, recipe, training=False, mask=mask), training=False)
             return {"probabilities": networks.probabilities(logits, cfg.single_label),
                     "classes": tf.cast(networks.predicted_classes(logits, cfg.single_label, thresholds), tf.int32)}
 

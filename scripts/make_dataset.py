@@ -9,7 +9,8 @@ and size: train = shots 0..dataset_size-1, eval and predict = the held-out shots
 TFRecords hold bunch IDs (the shot index) instead of labels, as the original's helium files did.
 --version picks the simulator version (default: nn/inputs/simulate.py's VERSION), --shifted its SHIFTED
 settings (version 2), --shift=GROUP only one group of them (DEFAULT otherwise), --eval_size the number
-of eval/predict shots (default: as --dataset=synthetic). The files are written into OUT.partial and
+of eval/predict shots (default: as --dataset=synthetic), --fixed_detector one detector for the whole set
+(with its mask.npy). The files are written into OUT.partial and
 appear in OUT together at the end, so an interrupted run never leaves a dataset that looks finished.
 """
 import argparse
@@ -29,10 +30,11 @@ from nn.inputs import cxi, data, simulate, tfrecord  # noqa: E402
 EXTENSIONS = {"tfrecord": "tfrecord", "cxi_shots": "cxi", "cxi_stacked": "cxi"}
 
 
-def write_split(out, fmt, mode, first, last, seed, size, per_file, version=None, settings=None):
+def write_split(out, fmt, mode, first, last, seed, size, per_file, version=None, settings=None, fixed=None):
     for part, start in enumerate(tqdm(range(first, last, per_file), desc=mode, unit="file")):
         count = min(per_file, last - start)
-        images, labels = simulate.simulate(count, seed, size, start=start, version=version, settings=settings)
+        images, labels = simulate.simulate(count, seed, size, start=start, version=version, settings=settings,
+                                           fixed=fixed)
         ids = np.arange(start, start + count)
         path = os.path.join(out, f"part{part:03d}_{mode}.{EXTENSIONS[fmt]}")
         if fmt == "tfrecord":
@@ -41,6 +43,21 @@ def write_split(out, fmt, mode, first, last, seed, size, per_file, version=None,
             cxi.write_cxi_shots(path, images, labels, ids)
         else:
             cxi.write_cxi_stacked(path, images, labels, ids)
+
+
+def check_args(args):
+    """Exits with a one-line error where the flags contradict each other or --out holds files."""
+    existing = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
+    if existing:
+        what = "dataset files" if any(f.startswith("part") for f in existing) else "other files"
+        sys.exit(f"make_dataset.py: error: {args.out} already holds {what} ({existing[0]}, ...); "
+                 f"choose another --out")
+    moved = [flag for flag, given in (("--shifted", args.shifted), ("--shift", args.shift),
+                                      ("--fixed_detector", args.fixed_detector)) if given]
+    if moved and args.version == 1:
+        sys.exit(f"make_dataset.py: error: {moved[0]}: version 1 has fixed settings")
+    if args.shifted and args.shift:
+        sys.exit("make_dataset.py: error: --shifted moves every setting; --shift one group: give one of them")
 
 
 def main(argv=None):
@@ -58,27 +75,24 @@ def main(argv=None):
     p.add_argument("--shift", choices=sorted(simulate.SHIFT_GROUPS),
                    help="Move only this group of settings to SHIFTED's values (version 2).")
     p.add_argument("--eval_size", type=int, default=None, help="Eval and predict shots (default: as --dataset=synthetic).")
+    p.add_argument("--fixed_detector", action="store_true",
+                   help="One detector (beam stop, gaps, bad pixels) for every shot, as at a beamline (version 2); "
+                        "its mask (1 = bad) is written as OUT/mask.npy, for airynet.py --mask.")
     args = p.parse_args(argv)
-    existing = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
-    if existing:
-        what = "dataset files" if any(f.startswith("part") for f in existing) else "other files"
-        sys.exit(f"make_dataset.py: error: {args.out} already holds {what} ({existing[0]}, ...); "
-                 f"choose another --out")
-    if (args.shifted or args.shift) and args.version == 1:
-        flag = "--shifted" if args.shifted else "--shift"
-        sys.exit(f"make_dataset.py: error: {flag}: version 1 has fixed settings")
-    if args.shifted and args.shift:
-        sys.exit("make_dataset.py: error: --shifted moves every setting; --shift one group: give one of them")
+    check_args(args)
     cfg = config.parse_args([f"--dataset_size={args.dataset_size}"])
     settings = simulate.SHIFTED if args.shifted else simulate.shifted_in(args.shift) if args.shift else None
+    fixed = simulate.fixed_detector(args.random_seed, args.size, settings) if args.fixed_detector else None
     with atomic_dir(args.out) as staging:
+        if fixed is not None:
+            np.save(os.path.join(staging, "mask.npy"), fixed.mask())
         for mode in args.modes.split(","):
             # Every training shot: a run that calibrates holds its calibration shots out of these files itself.
             first, last = data.synthetic_range(cfg, mode, calibration_share=0.0)
             if args.eval_size is not None and mode != "train":
                 last = first + args.eval_size
             write_split(staging, args.format, mode, first, last, args.random_seed, args.size, args.per_file,
-                        args.version, settings)
+                        args.version, settings, fixed)
     print(f"Wrote {args.format} files to {args.out}")
 
 

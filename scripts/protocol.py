@@ -14,7 +14,10 @@ For each seed S it writes, with scripts/make_dataset.py (version 2 of nn/inputs/
                    distance, droplet sizes, photons, gain, noise, stray light).
 With --per_setting also data/shift_GROUP_sS for each group of nn/inputs/simulate.py's SHIFT_GROUPS: the held-out
 shots (same seeds) with only that group of settings moved to SHIFTED's values, so that each group's
-cost shows on its own (a second table: macro-F1 per moved group and arm).
+cost shows on its own (a second table: macro-F1 per moved group and arm). With --masked also
+data/fixed_heldout_sS, fixed_masks_sS, fixed_bad_pixels_sS: the held-out shots seen through one detector
+per set (make_dataset.py --fixed_detector; as drawn, beam stop and gaps moved, bad pixels moved), each
+scored without and with `--mask` of the set's own mask.npy (RUN/eval_fixed_masks_masked.json, ...).
 Then for each arm it trains runs/train_sS_ARM_sS (`--random_seed=S` plus the arm's flags), runs
 `--mode=eval` on the test sets (kept as RUN/eval_heldout.json, RUN/eval_shifted.json, ...) and
 prints macro-F1 mean +- sd over the seeds and each class's mean F1. Finished steps are skipped on
@@ -40,17 +43,32 @@ from nn.inputs.simulate import SHIFT_GROUPS  # noqa: E402
 
 SETTINGS = ("train_shots", "test_shots", "size", "target", "steps", "batch")  # what a rerun must not change
 SPLITS = {"heldout": (100000, []), "shifted": (200000, ["--shifted"])}   # seed offset, make_dataset flags
+# --masked: the held-out shots seen through one detector per set, as at a beamline: as drawn by default,
+# and with the beam stop and gaps or the bad pixels moved to the shifted values.
+FIXED = {"fixed_heldout": [], "fixed_masks": ["--shift", "masks"], "fixed_bad_pixels": ["--shift", "bad_pixels"]}
+MASKED = "_masked"   # suffix of an evaluation given the set's own mask.npy
+FIXED_BASE = "fixed_heldout"   # the row the others' changes are measured from
 
 
-def evaluation_sets(per_setting):
-    """The test sets' names (seed suffix left out): held-out, shifted and, per setting, shift_GROUP."""
-    return list(SPLITS) + ([f"shift_{group}" for group in SHIFT_GROUPS] if per_setting else [])
+def evaluation_sets(per_setting, masked=False):
+    """The test sets' names (seed suffix left out): held-out, shifted, per setting shift_GROUP, and with
+    --masked the fixed-detector sets."""
+    return (list(SPLITS) + ([f"shift_{group}" for group in SHIFT_GROUPS] if per_setting else [])
+            + (list(FIXED) if masked else []))
+
+
+def evaluations(per_setting, masked=False):
+    """The kept evaluations' names: each test set, and each fixed-detector set again with its mask."""
+    return evaluation_sets(per_setting, masked) + ([name + MASKED for name in FIXED] if masked else [])
 
 
 def simulated_as(split):
-    """(seed offset, make_dataset flags) of a test set; shift_GROUP: the held-out shots, that group moved."""
+    """(seed offset, make_dataset flags) of a test set; shift_GROUP: the held-out shots, that group moved;
+    fixed_*: the held-out shots through one detector."""
     if split in SPLITS:
         return SPLITS[split]
+    if split in FIXED:
+        return SPLITS["heldout"][0], ["--fixed_detector", *FIXED[split]]
     return SPLITS["heldout"][0], ["--shift", split.removeprefix("shift_")]
 
 
@@ -76,7 +94,7 @@ def make_data(args, seed, log_path):
     data = os.path.join(args.out, "data")
     jobs = {f"train_s{seed}": ["--random_seed", str(seed), "--dataset_size", str(args.train_shots),
                                "--modes", "train,eval", "--eval_size", str(2 * args.batch)]}
-    for split in evaluation_sets(args.per_setting):
+    for split in evaluation_sets(args.per_setting, args.masked):
         offset, flags = simulated_as(split)
         jobs[f"{split}_s{seed}"] = ["--random_seed", str(offset + seed), "--modes", "eval",
                                     "--eval_size", str(args.test_shots), *flags]
@@ -104,12 +122,14 @@ def train_and_eval(args, arm, flags, seed, log_path):
              f"--dataset_size={args.train_shots}", f"--train_steps={args.steps}", f"--steps_per_eval={args.steps}",
              "--eval_steps=2", f"--batch_size={args.batch}", f"--num_worker={args.num_worker}"]
             + size + flags, log_path)
-    for split in evaluation_sets(args.per_setting):
-        kept = os.path.join(run_dir, f"eval_{split}.json")
+    for name in evaluations(args.per_setting, args.masked):
+        kept = os.path.join(run_dir, f"eval_{name}.json")
         if os.path.exists(kept):
             continue
+        split = name.removesuffix(MASKED)
+        mask = [f"--mask={data_dir}{split}_s{seed}/mask.npy"] if name.endswith(MASKED) else []
         run([sys.executable, "airynet.py", "--mode=eval", f"--load_dir={run_dir}", f"--data_dir={data_dir}",
-             f"--dataset={split}_s{seed}", f"--batch_size={args.batch}"], log_path)
+             f"--dataset={split}_s{seed}", f"--batch_size={args.batch}", *mask], log_path)
         os.replace(os.path.join(run_dir, "eval", "metrics.json"), kept)
     return run_dir
 
@@ -176,6 +196,27 @@ def format_setting_table(found):
     return "\n".join(lines)
 
 
+def format_mask_table(found):
+    """A Markdown table of macro-F1 mean +- sd on the fixed-detector sets: one row per set, for each arm a
+    column without and one with the set's mask, each with its change from the held-out row."""
+    arms = list(found)
+    header = [f"{arm}, {kind}" for arm in arms for kind in ("no mask", "mask")]
+    lines = ["| one detector per set | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for split in FIXED:
+        cells = []
+        for arm in arms:
+            for name in (split, split + MASKED):
+                if name not in found[arm]:
+                    cells.append("")
+                    continue
+                s = summarise(found[arm][name])
+                base = found[arm].get(FIXED_BASE + name.removeprefix(split))
+                change = f", {s['macro_f1'] - summarise(base)['macro_f1']:+.3f}" if base and split != FIXED_BASE else ""
+                cells.append(f"{s['macro_f1']:.3f} ± {s['sd']:.3f} ({s['seeds']}{change})")
+        lines.append(f"| {split.removeprefix('fixed_')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def check_settings(args, arms):
     """Record the settings that shape this --out's data and runs in OUT/protocol.json, or refuse a rerun
     whose settings differ from those recorded (arms not recorded yet are added)."""
@@ -214,6 +255,9 @@ def main(argv=None):
     p.add_argument("--per_setting", action="store_true",
                    help="Also test on the held-out shots with one group of settings moved at a time "
                         "(11 more test sets).")
+    p.add_argument("--masked", action="store_true",
+                   help="Also test on held-out shots with one detector per set (as drawn; beam stop and gaps "
+                        "moved; bad pixels moved), each without and with the set's mask (3 more test sets).")
     p.add_argument("--table_only", action="store_true", help="Only print the table of what is finished.")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)   # the commands run from the repository root
@@ -227,10 +271,12 @@ def main(argv=None):
             make_data(args, seed, log_path)
             for arm, flags in arms.items():
                 print(f"seed {seed}, arm {arm}: {train_and_eval(args, arm, flags, seed, log_path)}", flush=True)
-    found = collect(os.path.join(args.out, "runs"), list(arms), seeds, evaluation_sets(args.per_setting))
+    found = collect(os.path.join(args.out, "runs"), list(arms), seeds, evaluations(args.per_setting, args.masked))
     table = format_table(found)
     if args.per_setting:
         table += "\n\nmacro-F1 (seeds) with one group of settings moved:\n\n" + format_setting_table(found)
+    if args.masked:
+        table += "\n\nmacro-F1 (seeds, change from held-out) with one detector per set:\n\n" + format_mask_table(found)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")

@@ -125,3 +125,29 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path, monkeypatch):
     protocol.main([f"--out={tmp_path}", "--seeds=0,1", "--steps=10", "--arm", "a=--lr=0.1", "--arm", "b="])
     assert json.loads((tmp_path / "protocol.json").read_text())["arms"] == {"a": ["--lr=0.1"], "b": []}
     assert (tmp_path / "runs" / "train_s1_b_s1" / "model.ckpt-10.index").exists()
+
+
+def test_masked_sets_are_made_with_a_fixed_detector_and_scored_with_and_without_their_mask(tmp_path, monkeypatch,
+                                                                                            capsys):
+    commands = fake_commands(monkeypatch)
+    protocol.main([f"--out={tmp_path}", "--seeds=0", "--steps=10", "--arm", "modern=", "--masked"])
+    made = {os.path.basename(c[c.index("--out") + 1]): c for c in commands if "make_dataset" in c[1]}
+    assert set(made) == {"train_s0", "heldout_s0", "shifted_s0", "fixed_heldout_s0", "fixed_masks_s0",
+                         "fixed_bad_pixels_s0"}
+    assert "--fixed_detector" in made["fixed_masks_s0"] and made["fixed_masks_s0"][-2:] == ["--shift", "masks"]
+    assert "--fixed_detector" not in made["heldout_s0"]
+    evals = [c for c in commands if "--mode=eval" in c]
+    masked = [c for c in evals if any(f.startswith("--mask=") for f in c)]
+    assert len(evals) == 2 + 3 + 3 and len(masked) == 3
+    assert f"--mask={tmp_path}/data/fixed_bad_pixels_s0/mask.npy" in masked[-1]
+    assert "--dataset=fixed_bad_pixels_s0" in masked[-1]
+    runs = str(tmp_path / "runs")
+    for name, macro in (("fixed_heldout", 0.7), ("fixed_masks", 0.6), ("fixed_bad_pixels_masked", 0.65),
+                        ("fixed_heldout_masked", 0.68)):
+        write_metrics(os.path.join(runs, "train_s0_modern_s0"), name, macro, [0.5])
+    table = protocol.format_mask_table(protocol.collect(runs, ["modern"], [0], protocol.evaluations(False, True)))
+    lines = table.splitlines()
+    assert lines[0] == "| one detector per set | modern, no mask | modern, mask |"
+    assert lines[2] == "| heldout | 0.700 ± 0.000 (1) | 0.680 ± 0.000 (1) |"
+    assert lines[3] == "| masks | 0.600 ± 0.000 (1, -0.100) | 0.500 ± 0.000 (1, -0.180) |"  # the stand-in's 0.5
+    assert lines[4] == "| bad_pixels | 0.500 ± 0.000 (1, -0.200) | 0.650 ± 0.000 (1, -0.030) |"

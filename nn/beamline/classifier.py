@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from nn.config import AiryNetError, first_line
 from nn.inference import make_step
+from nn.inputs import masks
 from nn.inputs.preprocess import preprocess
 
 # Batches are sized once, from a batch timed at set-up, so that preprocessing and classifying one takes
@@ -41,7 +42,9 @@ class Classifier:
         self.gradcam_every, self.shots = cfg.gradcam_every, 0  # shots classified so far, for --gradcam_every
         self.buffer = _aligned_zeros((cfg.batch_size, *detector.frame_shape))
         spec = tf.TensorSpec([None, *detector.frame_shape, 1], tf.float32)
-        self._prepare = tf.function(lambda raw: preprocess(raw, cfg, recipe, training=False), input_signature=[spec])
+        mask = masks.load(cfg.mask, cfg.mask_good, tuple(detector.frame_shape))  # the assembled frame's
+        self._prepare = tf.function(lambda raw: preprocess(raw, cfg, recipe, training=False, mask=mask),
+                                    input_signature=[spec])
         self.step = make_step(cfg, model, maps=None)
         self.maps_step = make_step(cfg, model, maps="layer") if cfg.gradcam_every else None
         self.shapes = [cfg.batch_size]

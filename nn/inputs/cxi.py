@@ -25,6 +25,7 @@ import tensorflow as tf
 from nn.config import AiryNetError
 from nn.files import atomic_path
 from nn.inputs import detectors, euxfel
+from nn.inputs.masks import MASKED_VALUE
 
 log = logging.getLogger("airynet")
 
@@ -169,6 +170,9 @@ class StackedCxi(_Reader):
         found = lambda paths: next((h5[p] for p in paths if p in h5), None)
         self.labels = found((label_path,) if label_path else self.LABEL_PATHS)
         self.ids, self.mask = found(self.ID_PATHS), found(self.MASK_PATHS)
+        if self.mask is not None:  # files are opened once per process (open_cxi): said once
+            log.info("%s: applying the file's own mask %s (bits 0x%x: invalid, dead, bad, missing): those pixels "
+                     "read %s, as with --mask", path, self.mask.name, MASK_BITS, MASKED_VALUE)
         if self.labels is not None:
             self.label_dtype = self.labels.dtype
             self.num_labels = int(np.prod(self.labels.shape[1:]))
@@ -181,7 +185,7 @@ class StackedCxi(_Reader):
         images = images.astype(np.float32)
         if self.mask is not None:
             bad = (self.mask[start:stop] if self.mask.ndim == 3 else self.mask[()]) & MASK_BITS
-            images[np.broadcast_to(bad != 0, images.shape)] = 0.0
+            images[np.broadcast_to(bad != 0, images.shape)] = MASKED_VALUE
         labels = (self.labels[start:stop].reshape(stop - start, -1).astype(np.float32)
                   if self.labels is not None else None)
         ids = (self.ids[start:stop].astype(np.int64) if self.ids is not None

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from nn import config
-from nn.inputs import cxi, euxfel, simulate, tfrecord
+from nn.inputs import cxi, euxfel, masks, simulate, tfrecord
 from nn.config import AiryNetError, first_line
 from nn.inputs.preprocess import preprocess
 
@@ -205,6 +205,7 @@ def dataset(cfg, recipe, mode, *, shard=(0, 1), one_pass=None, input_context=Non
     records = records.batch(cfg.batch_size, drop_remainder=not one_pass)
 
     training = mode == "train" and not one_pass
+    mask = masks.load(cfg.mask, cfg.mask_good, (cfg.ori_height, cfg.ori_width))
     seeds = tf.data.Dataset.counter().map(lambda i: tf.stack([tf.cast(cfg.random_seed, tf.int64), i]))
 
     def finish(batch, seed):
@@ -213,7 +214,7 @@ def dataset(cfg, recipe, mode, *, shard=(0, 1), one_pass=None, input_context=Non
         else:
             images = batch["image"]
             extra = {k: batch[k] for k in ("bunch_id", "label", "pulse") if k in batch}  # pulse: EuXFEL runs
-        images = preprocess(images, cfg, recipe, training=training, seed=seed)
+        images = preprocess(images, cfg, recipe, training=training, seed=seed, mask=mask)
         if mode == "predict":
             return dict(extra, image=images)
         return images, extra["label"]

@@ -356,6 +356,8 @@ class ModuleSources:
 
     def _raw(self, source, array):
         """Why `array` is RAW data, as EXtra-data tells it, or ''."""
+        if self.key.endswith(".mask"):  # CORR data's own mask (nn/inputs/euxfel.py): integer flags, not ADC values
+            return ""
         if self.kind != "JUNGFRAU" and array.ndim == 4 and array.shape[-2:] == self.module_shape:
             return f"shape {array.shape}: " + ("data and gain interleaved" if array.shape[1] == 2 else
                                               "the extra axis of raw frames")

@@ -12,6 +12,7 @@ Two kinds of image source, each giving float32 frames per train with their pulse
 --pulses picks the frames of each train. Each shot is identified by (train ID, pulse): "bunch_id" holds the
 train ID.
 """
+import dataclasses
 import glob
 import logging
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from nn.inputs import detectors
+from nn.inputs.masks import MASKED_VALUE
 from nn.config import AiryNetError, first_line
 
 log = logging.getLogger("airynet")
@@ -102,8 +104,15 @@ class ModuleRun:
         self.modules = detectors.ModuleSources(component.detector_name, kind, key, tuple(positions),
                                                component.n_modules, tuple(component.module_shape), pulses)
         data = component.data
-        self.selection = data.select([(source, k) for source, _ in positions for k in (key, *detectors.PULSE_KEYS)
-                                      if k in data[source].keys()])
+        # CORR data's own mask (image.mask, data.mask; nonzero = bad), where every module has one.
+        mask_key = key.rpartition(".")[0] + ".mask"
+        self.masks = (dataclasses.replace(self.modules, key=mask_key)
+                      if all(mask_key in data[source].keys() for source, _ in positions) else None)
+        self.selection = data.select([(source, k) for source, _ in positions
+                                      for k in (key, mask_key, *detectors.PULSE_KEYS) if k in data[source].keys()])
+        if self.masks is not None:
+            log.info("%s: applying the run's own mask (%s, nonzero = bad): those pixels read %s, as with --mask",
+                     directory, mask_key, MASKED_VALUE)
         self.directory = directory
         found = sum((data[source, key].data_counts(labelled=True) > 0).astype(int) for source, _ in positions)
         self.trains_with_gaps, self.train_count = int((found < len(positions)).sum()), len(found)
@@ -128,6 +137,8 @@ class ModuleRun:
         """(train ID, frames [n, H, W], pulse IDs [n]), a train's frames FRAMES_PER_STEP at a time."""
         for train_id, data in self.selection.trains(require_all=False, keep_dims=True):
             stacked, ids = self._stack(train_id, data)
+            if self.masks is not None:  # NaN: what assembly turns into MASKED_VALUE, as a missing module
+                stacked[self.masks.stack(data)[0] != 0] = np.nan
             for first in range(0, len(stacked), FRAMES_PER_STEP):
                 step = slice(first, first + FRAMES_PER_STEP)
                 yield train_id, self.detector.frames(stacked[step]), ids[step]

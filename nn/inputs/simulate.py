@@ -41,6 +41,8 @@ the same physics sampled more or less finely. Counts per pixel do not depend on 
 Detector model (version 2): photons ~ Poisson(intensity x solid angle); ADU = gain x photons +
 Gaussian readout noise, rounded, clipped to [0, saturation]; hot pixels read a large value; the
 beam stop, its holder, the module gaps and dead pixels read 0 (as the pipeline's CXI masks do).
+`fixed_detector` draws these once for a whole set, as at a beamline (`simulate(..., fixed=)`; its
+`mask()` is what `--mask` takes); each shot's other draws stay those of the per-shot detector.
 """
 import dataclasses
 from typing import NamedTuple
@@ -57,6 +59,7 @@ from nn.inputs.simulate_v1 import (ASYMMETRIC, BENT, CLASS_SHARES, DOUBLE_RINGS,
 VERSIONS = (1, 2)
 VERSION = 2   # what simulate() draws unless told otherwise
 LAYERED_MIN_RADIUS = 28.0   # 1/k: ring periods under 6 network pixels
+DETECTOR_STREAM = 2 ** 62   # fixed_detector's random stream: beyond every shot index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +231,7 @@ def _live(rng, g, s, size):
     return live
 
 
-def _detector(rng, photons_mean, live, s):
+def _detector(rng, photons_mean, live, s, fixed=None):
     """ADU image: Poisson photons times the gain, readout noise, hot pixels, saturation, mask."""
     gain = _log_uniform(rng, s.gain)
     adu = rng.standard_normal(live.shape, dtype=np.float32)
@@ -236,17 +239,45 @@ def _detector(rng, photons_mean, live, s):
     adu += gain * rng.poisson(photons_mean).astype(np.float32)
     full = np.floor(_log_uniform(rng, s.saturation))
     hot = rng.binomial(adu.size, _log_uniform(rng, s.hot))
-    adu.flat[rng.integers(0, adu.size, hot)] = rng.uniform(0.2, 1.0, hot) * full
+    where, level = rng.integers(0, adu.size, hot), rng.uniform(0.2, 1.0, hot)
+    if fixed is not None:   # the set's own hot pixels (drawn above all the same, so the noise that follows is)
+        where, level = fixed.hot, fixed.hot_level
+    adu.flat[where] = level * full
     adu *= live
     np.clip(adu, 0, full, out=adu)
     return (adu + 0.5).astype(np.uint16)   # rounded to the nearest ADU
 
 
-def simulate_shot(rng, size, version=None, settings=None):
-    """One shot: (image uint16 [size, size] in ADU (version 1: photon counts), labels int16 [11])."""
+class FixedDetector(NamedTuple):
+    """A detector that stays the same for every shot of a set, as at a beamline (fixed_detector)."""
+    live: np.ndarray        # bool [size, size]: pixels that record light (not beam stop, holder, gap, dead)
+    hot: np.ndarray         # flat indices of the hot pixels
+    hot_level: np.ndarray   # each hot pixel's reading, as a share of the shot's saturation
+
+    def mask(self):
+        """uint8 [size, size], 1 = bad: every pixel that does not record the shot's light."""
+        bad = ~self.live
+        bad.flat[self.hot] = True
+        return bad.astype(np.uint8)
+
+
+def fixed_detector(seed, size, settings=None):
+    """The detector of set `seed`: beam stop (centred on the crop, where the beam is on average), holder,
+    gaps, dead and hot pixels drawn once from the settings' ranges, from a stream that no shot uses."""
+    s = DEFAULT if settings is None else settings
+    rng = np.random.default_rng([seed, DETECTOR_STREAM])
+    g = _geometry(rng, size, dataclasses.replace(s, centre_offset=0.0))
+    live = _live(rng, g, s, size)
+    hot = rng.integers(0, live.size, rng.binomial(live.size, _log_uniform(rng, s.hot)))
+    return FixedDetector(live, hot, rng.uniform(0.2, 1.0, hot.size))
+
+
+def simulate_shot(rng, size, version=None, settings=None, fixed=None):
+    """One shot: (image uint16 [size, size] in ADU (version 1: photon counts), labels int16 [11]).
+    fixed: a FixedDetector (version 2) in place of the detector drawn for this shot."""
     version = VERSION if version is None else version
     if version == 1:
-        if settings is not None:
+        if settings is not None or fixed is not None:
             raise AiryNetError("simulator version 1: its settings are fixed (settings apply to version 2)")
         return simulate_v1.simulate_shot(rng, size)
     if version != 2:
@@ -260,17 +291,21 @@ def simulate_shot(rng, size, version=None, settings=None):
     length = rng.uniform(*s.stray_length)
     stray = _log_uniform(rng, s.stray) * float(np.exp(s.beam_stop[0] / length))
     mean += stray * np.exp(g.radius * np.float32(-1 / length)) + np.float32(_log_uniform(rng, s.background))
-    live = _live(rng, g, s, size)
+    live = _live(rng, g, s, size)   # drawn with a fixed detector too: the shot's later draws stay the same
+    if fixed is not None:
+        live = fixed.live
     mean *= g.cos3
     mean *= live   # nothing is drawn for pixels that record nothing
-    return _detector(rng, mean, live, s), labels
+    return _detector(rng, mean, live, s, fixed), labels
 
-def simulate(n, seed, size, start=0, version=None, settings=None):
+def simulate(n, seed, size, start=0, version=None, settings=None, fixed=None):
     """Shots start..start+n-1 of the synthetic set `seed`: (images uint16 [n, size, size],
     labels int16 [n, 11]). Shot i depends only on (seed, i, size, version, settings), never on n
-    or start. version: 1 or 2 (default VERSION); settings: a Settings for version 2 (DEFAULT)."""
+    or start. version: 1 or 2 (default VERSION); settings: a Settings for version 2 (DEFAULT);
+    fixed: one FixedDetector for every shot (version 2; default: a detector drawn per shot)."""
     images = np.empty((n, size, size), np.uint16)
     labels = np.empty((n, len(CLASS_SHARES)), np.int16)
     for i in range(n):
-        images[i], labels[i] = simulate_shot(np.random.default_rng([seed, start + i]), size, version, settings)
+        images[i], labels[i] = simulate_shot(np.random.default_rng([seed, start + i]), size, version, settings,
+                                             fixed)
     return images, labels

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from nn import checkpoints
-from nn.inputs import data, detectors
+from nn.inputs import data, detectors, masks
 
 DATA_KINDS = {"tfrecord": "TFRecord files", "cxi": "CXI/HDF5 files", "euxfel": "a European XFEL run"}
 
@@ -21,7 +21,7 @@ def attributes(cfg, data_kind=None):
     `data_kind`: what nn.inputs.data.find_files found for the predict data ("tfrecord", "cxi", "euxfel",
     "synthetic"), None where the data did not come from --data_dir/--dataset; --mode=live records its bridge."""
     network = f"resnet{cfg.resnet_size}" if cfg.airynet_type == "resnet" else f"vgg{cfg.vgg_size}"
-    attrs = {"network": network, **_model(cfg), **_decisions(cfg)}
+    attrs = {"network": network, **_model(cfg), **_decisions(cfg), **masks.record(cfg.mask, cfg.mask_good)}
     if cfg.mode == "live":
         attrs.update(data_source=f"Karabo bridge {cfg.bridge} ({cfg.bridge_socket} socket)", **_detector(cfg))
     else:
