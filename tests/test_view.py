@@ -326,3 +326,33 @@ def test_live_run_publishing_counts_rise(browser, tiny_run, tmp_path):
         page.close()
         running.stop()
         source.close()
+
+
+@pytest.mark.parametrize("publisher_socket, view_socket", [("REP", "REQ"), ("PUSH", "PULL"), ("PUB", "SUB")])
+def test_each_socket_pair_carries_images_maps_and_thresholds(publisher_socket, view_socket):
+    from nn.beamline.publisher import Publisher, eight_bit
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    names = ["a", "b", "empty"]
+    publisher = Publisher(endpoint, publisher_socket, names, backlog=8, thresholds=[0.3, 0.5, 0.7])
+    source = StreamSource(endpoint, view_socket)
+    rng = np.random.default_rng(5)
+    images = rng.exponential(30, (3, 2, 8, 8, 1)).astype(np.float32)
+    try:
+        time.sleep(0.5)  # a subscriber's subscription reaches the publisher
+        for t in range(3):
+            probs = rng.random((2, 3)).astype(np.float32)
+            publisher.publish(700 + t, np.array([4, 6]), {
+                "probabilities": probs, "classes": (probs > 0.5).astype(np.uint8), "images": images[t],
+                "gradcam": np.ones((1, 3, 2, 2), np.float32) * (t + 1), "gradcam_index": np.array([1])})
+        deadline = time.monotonic() + 10
+        while (source.table is None or source.table.shots < 6) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert source.table.ids == [f"{t}-{i}" for t in range(700, 703) for i in range(2)]
+        assert source.thresholds == [0.3, 0.5, 0.7]
+        assert np.array_equal(source.image("701-1"), eight_bit(images[1])[1])
+        assert source.image("701-1").dtype == np.uint8 and source.image("701-1").max() == 255
+        assert source.heat("702-1", 2).tolist() == [[3, 3], [3, 3]] and source.heat("702-0", 2) is None
+        assert source.table.shot(source.table.row("700-1"))["pulse"] == 6
+    finally:
+        source.close()
+        publisher.close()
