@@ -609,8 +609,8 @@ def bench_live(args):
 
 def bench_live_view(args):
     """Live sorting publishing (PUB, images on) without and with a view attached (airynet.py --mode=view
-    subscribed, and a client fetching what the page fetches twice a second: summary, 24 shots, their
-    images), taking turns; the view and the client are processes of their own, as at a beamline."""
+    subscribed, and a client fetching what the page fetches twice a second: summary, 24 shots, the images
+    it has not shown yet), taking turns; the view and the client are processes of their own, as at a beamline."""
     import psutil
     setup = live_setup(args, offline=False)
     print(f"live without and with a view: {args.frames} pnCCD-like frames 1024x1024, ResNet-{args.resnet_size} at "
@@ -640,10 +640,11 @@ def bench_live_view(args):
           f"{with_view / without:.3f}x")
 
 
-# argv: base URL. What the page fetches twice a second: the summary, a page of 24 shots and their images.
+# argv: base URL. What the page fetches twice a second: the summary, a page of 24 shots and the images of
+# those it has not shown before (a browser has the others in its cache: the view lets it keep them).
 PAGE_CLIENT = """
 import json, sys, time, urllib.request
-base = sys.argv[1]
+base, shown = sys.argv[1], set()
 def get(path):
     try:
         with urllib.request.urlopen(base + path, timeout=5) as r:
@@ -655,7 +656,9 @@ while True:
     get("/api/summary")
     page = get("/api/shots?limit=24")
     for shot in json.loads(page)["shots"] if page else []:
-        get(f"/api/shots/{shot['id']}/image.png")
+        if shot["id"] not in shown:
+            shown.add(shot["id"])
+            get(f"/api/shots/{shot['id']}/image.png")
 """
 
 
