@@ -55,6 +55,8 @@ def run(cfg):
         if overridden:
             log.warning("Flags given on the command line override the run's saved config: %s",
                         ", ".join(f"--{k}" for k in overridden))
+    if cfg.mode == "train":
+        config.take_init_config(cfg)
     with native_stderr_silenced(cfg.log_level != "DEBUG"):
         import keras
         import tensorflow as tf
@@ -92,6 +94,9 @@ def dispatch(cfg, recipe):
         return evaluate.evaluate(cfg, recipe)
     from nn import checkpoints
     model, _ = checkpoints.restore_model(cfg, recipe)
+    if cfg.mode == "label":
+        from nn.labelling import app
+        return app.run(cfg, recipe, model)
     if cfg.mode == "live":
         from nn.beamline import live
         return live.run(cfg, recipe, model)

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from nn.config import AiryNetError, first_line
 from nn.files import atomic_file
-from nn.models.networks import build_model
+from nn.models.networks import build_model, freeze_stem
 from nn.recipe import weight_average
 
 log = logging.getLogger("airynet")
@@ -51,10 +51,22 @@ def restore(checkpoint, path, cfg, partial=False):
 def restore_model(cfg, recipe):
     """-> (the network of the run in cfg.load_dir with its latest weights, their step). A run whose
     recipe averages the weights gives the average, which is what it evaluated and calibrated."""
-    path = latest_checkpoint(cfg.load_dir)
-    if path is None:
-        raise AiryNetError(f"--load_dir={cfg.load_dir}: no checkpoint ({CHECKPOINT_NAME}-STEP) found there")
     model = build_model(cfg, recipe.bn_momentum)
+    path = load_weights(model, cfg.load_dir, recipe, cfg, "--load_dir", cfg.freeze_stem)
+    cfg.restored_checkpoint = path  # for the output files' record of what produced them (nn/outputs/provenance.py)
+    return model, step_of(path)
+
+
+def load_weights(model, run_dir, recipe, cfg, flag, frozen_stem=False):
+    """Give `model` the latest weights of the run in `run_dir` (named by `flag` in errors): the averaged
+    ones where `recipe` averages them. `frozen_stem`: that run trained with --freeze_stem, so its average
+    holds the weights outside the stem only (the model is left with its stem frozen). -> the checkpoint's
+    path."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise AiryNetError(f"{flag}={run_dir}: no checkpoint ({CHECKPOINT_NAME}-STEP) found there")
+    if frozen_stem:
+        freeze_stem(model)
     average = weight_average(recipe, model)
     if average is None:
         restore(tf.train.Checkpoint(model=model), path, cfg, partial=True)
@@ -62,14 +74,18 @@ def restore_model(cfg, recipe):
         restore(tf.train.Checkpoint(model=model, ema=average), path, cfg, partial=True)
         average.copy_to(model)
     log.info("Restored %s (step %d%s)", path, step_of(path), ", averaged weights" if average else "")
-    cfg.restored_checkpoint = path  # for the output files' record of what produced them (nn/outputs/provenance.py)
-    return model, step_of(path)
+    return path
 
 
-def save_thresholds(run_dir, thresholds, names, step, shots):
+def save_thresholds(run_dir, thresholds, names, step, shots, kept=None):
+    """`kept`: where --init_from's thresholds were kept, the names of those classes (saved as
+    "kept_from_init")."""
+    values = {"step": step, "calibration_shots": shots,
+              "thresholds": {name: float(t) for name, t in zip(names, thresholds)}}
+    if kept is not None:
+        values["kept_from_init"] = list(kept)
     with atomic_file(os.path.join(run_dir, THRESHOLDS_FILE)) as f:
-        json.dump({"step": step, "calibration_shots": shots,
-                   "thresholds": {name: float(t) for name, t in zip(names, thresholds)}}, f, indent=2)
+        json.dump(values, f, indent=2)
 
 
 class DecisionRule(NamedTuple):
@@ -90,17 +106,26 @@ def decision_rule(cfg):
             return DecisionRule(None, "probability > 0.5, the original rule (--thresholds=0.5)")
         return DecisionRule(np.full(cfg.num_classes, value, np.float32),
                             f"probability >= {value:g} for every class (--thresholds={cfg.thresholds})")
-    path = os.path.join(cfg.load_dir, THRESHOLDS_FILE)
-    if not cfg.load_dir or not os.path.isfile(path):
+    thresholds = read_thresholds(cfg.load_dir, cfg.num_classes) if cfg.load_dir else None
+    if thresholds is None:
         return DecisionRule(None, "probability > 0.5, the original rule (the run has no thresholds.json)")
+    path = os.path.join(cfg.load_dir, THRESHOLDS_FILE)
+    return DecisionRule(thresholds, f"probability >= the run's calibrated thresholds ({os.path.abspath(path)})")
+
+
+def read_thresholds(run_dir, num_classes):
+    """The run's calibrated thresholds [C] (float32), or None where it has no thresholds.json."""
+    path = os.path.join(run_dir, THRESHOLDS_FILE)
+    if not os.path.isfile(path):
+        return None
     try:
         with open(path) as f:
             thresholds = np.array(list(json.load(f)["thresholds"].values()), np.float32)
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise AiryNetError(f"{path}: cannot read the decision thresholds ({first_line(e)})") from e
-    if thresholds.shape != (cfg.num_classes,) or not np.all((thresholds > 0) & (thresholds < 1)):
-        raise AiryNetError(f"{path}: expected {cfg.num_classes} thresholds in (0, 1)")
-    return DecisionRule(thresholds, f"probability >= the run's calibrated thresholds ({os.path.abspath(path)})")
+    if thresholds.shape != (num_classes,) or not np.all((thresholds > 0) & (thresholds < 1)):
+        raise AiryNetError(f"{path}: expected {num_classes} thresholds in (0, 1)")
+    return thresholds
 
 
 def decision_thresholds(cfg):

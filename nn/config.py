@@ -18,7 +18,7 @@ HELIUM_CLASSES = ["spherical_oblate", "round", "elliptical", "prolate", "streak"
 
 RESNET_SIZES = (18, 34, 50, 101, 152, 200)
 VGG_SIZES = (16, 19)
-MODES = ("train", "eval", "predict", "save", "live", "view")
+MODES = ("train", "eval", "predict", "save", "live", "view", "label")
 JIT_INFERENCE = ("maps", "all", "none")  # --jit_inference: what XLA compiles in predict and live
 MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment")
 CONFIG_FILE = "config.json"
@@ -30,7 +30,14 @@ PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "pr
                   "h5_layout", "h5_compression", "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile",
                   "jit_inference", "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish",
                   "publish_socket", "publish_images", "gradcam_every", "live_trains", "live_seconds", "thresholds", "pulses",
-                  "view_source", "view_socket", "view_host", "view_port"}
+                  "view_source", "view_socket", "view_host", "view_port", "labels", "select",
+                  "label_pool"}
+# What --init_from takes from the run it starts from: the network and how its input is prepared. An explicit
+# flag that differs would give the weights a network or an input they were not trained for.
+INIT_FLAGS = ("airynet_type", "resnet_size", "vgg_size", "num_classes", "single_label", "relu_leakiness",
+              "use_log_act", "alpha", "beta", "target_width", "target_height", "target_depth", "use_ccf",
+              "add_noise", "recipe", "recipe_without")
+SELECTIONS = ("uncertain", "diverse", "random")
 
 
 class AiryNetError(Exception):
@@ -170,6 +177,14 @@ def build_parser():
                         "GPUs); 'none' nothing. The compiled part runs at --batch_size: shorter batches are "
                         "padded, so that it is compiled once, at start-up.")
 
+    g.add_argument("--init_from", type=str, default="",
+                   help="Start a new training run from this run's weights (its averaged weights where it has them) "
+                        "with a fresh optimizer; its network and preprocessing flags are taken, and its decision "
+                        "thresholds kept unless the calibration split holds enough shots of a class "
+                        "(docs/labelling.md).")
+    g.add_argument("--freeze_stem", type=str2bool, default=False,
+                   help="With --init_from: do not train the stem (the initial convolution and the first group "
+                        "of blocks), which sees the detector's pixels first.")
     g.add_argument("--num_cpu_replicas", type=int, default=1,
                    help="Split the CPU into this many logical devices and mirror training over them "
                         "(tests tf.distribute without GPUs).")
@@ -252,6 +267,17 @@ def build_parser():
     g.add_argument("--view_port", type=int, default=None,
                    help="Port the view listens on (default: the first free of 8600..8609; 0: any free port).")
 
+    g = p.add_argument_group("labelling")  # --mode=label (docs/labelling.md)
+    g.add_argument("--labels", type=str, default="",
+                   help="--mode=label: the file the labels go to: NAME.tfrecord (the training records' schema) or "
+                        "NAME.cxi/.h5 (stacked CXI); an existing one is continued.")
+    g.add_argument("--select", type=str, default="uncertain", choices=SELECTIONS,
+                   help="--mode=label: the order of the shots: closest to the decision thresholds, spread out "
+                        "over what the network sees, or random (seeded by --random_seed).")
+    g.add_argument("--label_pool", type=int, default=5000,
+                   help="--mode=label: shots of the source (the first ones) that are ranked and offered; they are "
+                        "held in memory.")
+
     g = p.add_argument_group("misc")
     g.add_argument("--log_level", type=str, default="INFO",
                    choices=("DEBUG", "INFO", "WARN", "WARNING", "ERROR"),
@@ -308,7 +334,8 @@ def validate(cfg):
         raise AiryNetError("--save_dir: --mode=save needs a directory to write the SavedModel to")
     validate_live(cfg)
     validate_view(cfg)
-    if cfg.mode in ("eval", "predict", "save", "live") and not cfg.load_dir:
+    validate_labelling(cfg)
+    if cfg.mode in ("eval", "predict", "save", "live", "label") and not cfg.load_dir:
         raise AiryNetError(f"--load_dir: --mode={cfg.mode} needs the run directory of a trained model")
 
 
@@ -342,6 +369,48 @@ def validate_view(cfg):
     if cfg.mode == "live" and cfg.publish_images and not cfg.publish and "publish_images" in getattr(cfg, "explicit", ()):
         raise AiryNetError("--publish_images=true: the images go only to the published stream; pass "
                            "--publish=tcp://*:PORT")
+
+
+def validate_labelling(cfg):
+    if cfg.label_pool < 1:
+        raise AiryNetError(f"--label_pool={cfg.label_pool}: must be a positive integer")
+    if cfg.mode == "label" and not re.search(r"\.(tfrecord|cxi|h5)$", cfg.labels):
+        raise AiryNetError(f"--labels={cfg.labels}: --mode=label needs a file ending in .tfrecord, .cxi or .h5")
+
+
+def take_init_config(cfg):
+    """--mode=train with --init_from=RUN: the network and preprocessing flags (INIT_FLAGS) from RUN's
+    config.json. An explicit flag that differs is refused, naming the difference. (Called once the flags are
+    merged with --load_dir's config, which may hold both.)"""
+    if cfg.freeze_stem and not cfg.init_from:
+        raise AiryNetError("--freeze_stem: only with --init_from (a stem trained elsewhere to keep)")
+    if not cfg.init_from:
+        return
+    path = os.path.join(cfg.init_from, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise AiryNetError(f"--init_from={cfg.init_from}: no {CONFIG_FILE} there; not a run directory")
+    saved = _upgraded(_read_config(path))
+    for key in INIT_FLAGS:
+        if key not in saved:
+            continue
+        if key in cfg.explicit and getattr(cfg, key) != saved[key]:
+            raise AiryNetError(f"--{key}={getattr(cfg, key)}: the run in --init_from={cfg.init_from} has "
+                               f"--{key}={saved[key]}; its weights need the same network and preprocessing")
+        _check_saved_value(path, cfg, key, saved[key])
+        setattr(cfg, key, saved[key])
+
+
+def saved_flag(run_dir, name, default):
+    """One flag's value in the run's config.json (`default` where the run did not save it)."""
+    return _read_config(os.path.join(run_dir, CONFIG_FILE)).get(name, default)
+
+
+def _read_config(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise AiryNetError(f"{path}: cannot read the saved run config ({e})")
 
 
 def class_names(cfg):
@@ -383,12 +452,7 @@ def merge_run_config(cfg, run_dir):
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         return []
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise AiryNetError(f"{path}: cannot read the saved run config ({e})")
-    saved = _upgraded(saved)
+    saved = _upgraded(_read_config(path))
     differing, taken = [], {}
     for key, value in saved.items():
         if key in PER_INVOCATION or not hasattr(cfg, key):

@@ -114,9 +114,15 @@ class Learner:
     average: WeightAverage = None
 
 
-def build_learner(cfg, recipe, replicas=1):
-    """The run's Learner, built inside the strategy's scope."""
+def build_learner(cfg, recipe, replicas=1, init_from=""):
+    """The run's Learner, built inside the strategy's scope; its network starts from the weights of the run
+    in `init_from` where given. A frozen stem is frozen before the optimizer and the average are built, so
+    that both hold the trainable weights only (the same on every resume)."""
     model = networks.build_model(cfg, recipe.bn_momentum)
+    if init_from:
+        checkpoints.load_weights(model, init_from, recipe, cfg, "--init_from",
+                                 config.saved_flag(init_from, "freeze_stem", False))
+    networks.freeze_stem(model, cfg.freeze_stem)
     return Learner(model, make_optimizer(cfg, recipe, model, replicas), weight_average(recipe, model))
 
 
@@ -143,7 +149,8 @@ class State:
 
 def build_state(cfg, recipe, strategy, cluster, run_dir, resume_path):
     with strategy.scope():
-        learner = build_learner(cfg, recipe, strategy.num_replicas_in_sync)
+        # A resumed run continues from its own checkpoint, never again from --init_from's.
+        learner = build_learner(cfg, recipe, strategy.num_replicas_in_sync, "" if resume_path else cfg.init_from)
         # The SGD is saved, not the fp16 loss-scale wrapper around it, so that a run can be resumed
         # with any --mixed_precision; a resumed fp16 run starts its loss scale afresh.
         saved = {"model": learner.model, "optimizer": getattr(learner.optimizer, "inner_optimizer", learner.optimizer)}
@@ -310,11 +317,20 @@ def train(cfg, recipe):
     exit_code = loop(cfg, state, calls, distribute.make_vote(strategy), logger, run_dir)
     if exit_code == 0:
         log.info("Training finished at step %d; run directory %s", state.step, run_dir)
-        if cluster.is_chief and recipe.calibration_share > 0 and not cfg.single_label:
+        inherited = inherited_thresholds(cfg)
+        if cluster.is_chief and (recipe.calibration_share > 0 or inherited is not None) and not cfg.single_label:
             with averaged_weights(state.learner.model, state.learner.average):
-                calibrate.calibrate(cfg, recipe, state.learner.model, run_dir, state.step)
+                calibrate.calibrate(cfg, recipe, state.learner.model, run_dir, state.step, inherited)
     logger.log_throughput()
     return exit_code
+
+
+def inherited_thresholds(cfg):
+    """--init_from's decision thresholds [C] (0.5 where it has no thresholds.json, its rule), else None."""
+    if not cfg.init_from:
+        return None
+    thresholds = checkpoints.read_thresholds(cfg.init_from, cfg.num_classes)
+    return np.full(cfg.num_classes, 0.5, np.float32) if thresholds is None else thresholds
 
 
 def loop(cfg, state, calls, vote, logger, run_dir):

@@ -27,6 +27,20 @@ def build_model(cfg, bn_momentum=BN_MOMENTUM):
     raise AiryNetError(f"--airynet_type={cfg.airynet_type}: must be resnet or vgg")
 
 
+# The stem: the layers that see the detector's pixels first (the initial convolution and the first group of
+# ResNet blocks or VGG convolutions); --freeze_stem keeps them as --init_from's run trained them.
+STEM_PREFIXES = ("initial_", "group1_", "conv1_")
+
+
+def freeze_stem(model, frozen=True):
+    """Make the stem's layers untrainable (its batch norms then keep their averages), or trainable again.
+    -> their names."""
+    names = [layer.name for layer in model.layers if layer.name.startswith(STEM_PREFIXES)]
+    for name in names:
+        model.get_layer(name).trainable = not frozen
+    return names
+
+
 # ----------------------------------------------------------------------------------------------
 # The output head: multi-label sigmoids (the original's helium data), or a softmax over exclusive
 # classes with --single_label (the original's cifar10 path).
