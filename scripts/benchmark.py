@@ -609,8 +609,9 @@ def bench_live(args):
 
 def bench_live_view(args):
     """Live sorting publishing (PUB, images on) without and with a view attached (airynet.py --mode=view
-    subscribed, and a client fetching what the page fetches twice a second: summary, 24 shots, their
-    images), taking turns; the view and the client are processes of their own, as at a beamline."""
+    subscribed, and a client fetching what the page fetches twice a second: summary, 24 shots, the images
+    it has not shown yet), taking turns; the view and the client are processes of their own, as at a beamline."""
+    import psutil
     setup = live_setup(args, offline=False)
     print(f"live without and with a view: {args.frames} pnCCD-like frames 1024x1024, ResNet-{args.resnet_size} at "
           f"{args.target}x{args.target}, batch {args.batch_size}, --publish_socket=PUB, {args.seconds:.0f} s a run")
@@ -625,22 +626,25 @@ def bench_live_view(args):
                 subprocess.Popen([sys.executable, "-c", PAGE_CLIENT, f"http://127.0.0.1:{port + 100}"])]
             try:
                 rate, p99, received, processed, dropped = live_run(args, port, setup, *publish)
+                cpu = [sum(psutil.Process(proc.pid).cpu_times()[:2]) for proc in viewer]
             finally:
                 for proc in viewer:
                     proc.terminate()
                     proc.wait()
             rates[attached].append(rate)
+            used = f", CPU of the view {cpu[0]:.1f} s and of its client {cpu[1]:.1f} s" if cpu else ""
             print(f"  round {round_ + 1}, {'with' if attached else 'without'} a view: {rate:6.2f} frames/s, "
-                  f"latency p99 {p99:.3f} s, received {received:.0f}, dropped {dropped:.0f}", flush=True)
+                  f"latency p99 {p99:.3f} s, received {received:.0f}, dropped {dropped:.0f}{used}", flush=True)
     without, with_view = np.median(rates[False]), np.median(rates[True])
     print(f"  median of {args.rounds}: without {without:.2f} frames/s, with a view {with_view:.2f}: "
           f"{with_view / without:.3f}x")
 
 
-# argv: base URL. What the page fetches twice a second: the summary, a page of 24 shots and their images.
+# argv: base URL. What the page fetches twice a second: the summary, a page of 24 shots and the images of
+# those it has not shown before (a browser has the others in its cache: the view lets it keep them).
 PAGE_CLIENT = """
 import json, sys, time, urllib.request
-base = sys.argv[1]
+base, shown = sys.argv[1], set()
 def get(path):
     try:
         with urllib.request.urlopen(base + path, timeout=5) as r:
@@ -652,7 +656,9 @@ while True:
     get("/api/summary")
     page = get("/api/shots?limit=24")
     for shot in json.loads(page)["shots"] if page else []:
-        get(f"/api/shots/{shot['id']}/image.png")
+        if shot["id"] not in shown:
+            shown.add(shot["id"])
+            get(f"/api/shots/{shot['id']}/image.png")
 """
 
 

@@ -250,26 +250,30 @@ def test_stream_drops_oldest_and_skips_malformed(monkeypatch):
     source = StreamSource(endpoint, "SUB")
     try:
         assert view.summary(source)["waiting"]
-        time.sleep(0.5)  # the subscription reaches the publisher
+        garbage = [b"not msgpack", b"at all"]
+        deadline = time.monotonic() + 10
+        while source.counts["received"] == 0 and time.monotonic() < deadline:  # until the subscription holds
+            pub.send_multipart(garbage)
+            time.sleep(0.05)
+        time.sleep(0.2)  # a probe still on its way arrives
+        probes = source.counts["received"]  # the decoder holds the first, stalled; the rest wait in the queue
         good = {"trainId": 1, "pulseId": np.arange(2), "probabilities": np.full((2, 3), 0.9, np.float32),
                 "classes": np.ones((2, 3), np.uint8), "class_names": ["a", "b", "empty"]}
-        messages = [serialize({"OTHER/SOURCE": {"x": 1}}, {"OTHER/SOURCE": {}}), [b"not msgpack", b"at all"]]
-        messages += [serialize({stream_module.SOURCE: {**good, "trainId": 10 + i}},
-                               {stream_module.SOURCE: {"timestamp": time.time()}}) for i in range(12)]
-        for frames in messages:
-            pub.send_multipart(frames)
-        deadline = time.monotonic() + 5
-        while source.counts["received"] < len(messages) and time.monotonic() < deadline:
+        for i in range(12):
+            pub.send_multipart(serialize({stream_module.SOURCE: {**good, "trainId": 10 + i}},
+                                         {stream_module.SOURCE: {"timestamp": time.time()}}))
+        while source.counts["received"] < probes + 12 and time.monotonic() < deadline:
             time.sleep(0.02)
         slow.set()
-        while source.counts["decoded"] + source.counts["malformed"] + source.counts["dropped"] < len(messages) \
-                and time.monotonic() < deadline:
+        while source.counts["decoded"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pub.send_multipart(serialize({"OTHER/SOURCE": {"x": 1}}, {"OTHER/SOURCE": {}}))  # foreign
+        while source.counts["malformed"] < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         s = view.summary(source)
-        decoded = source.counts["decoded"]
-        # The decoder holds at most one message when it stalls: the rest beyond the queue's 4 are dropped,
-        # oldest first, so the 4 newest trains arrive (and the foreign message if it was the one held).
-        assert s["messages"] == 14 and s["dropped"] in (9, 10) and decoded == 4 and s["malformed"] == 10 - s["dropped"]
+        # Of the probes and the 12 trains behind the stalled first probe, the queue kept the newest 4.
+        assert s["messages"] == probes + 13 and s["dropped"] == probes - 1 + 8 and s["malformed"] == 2
+        assert source.counts["decoded"] == 4
         assert s["shots"] == 8 and s["classes"] == {"a": 8, "b": 8, "empty": 8} and s["hit_share"] == 1.0
         assert source.table.ids == [f"{t}-{i}" for t in range(18, 22) for i in range(2)]
         assert 0 <= s["latency"] < 10 and s["rates"]["train"] == [18, 19, 20, 21]
@@ -326,3 +330,33 @@ def test_live_run_publishing_counts_rise(browser, tiny_run, tmp_path):
         page.close()
         running.stop()
         source.close()
+
+
+@pytest.mark.parametrize("publisher_socket, view_socket", [("REP", "REQ"), ("PUSH", "PULL"), ("PUB", "SUB")])
+def test_each_socket_pair_carries_images_maps_and_thresholds(publisher_socket, view_socket):
+    from nn.beamline.publisher import Publisher, eight_bit
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    names = ["a", "b", "empty"]
+    publisher = Publisher(endpoint, publisher_socket, names, backlog=8, thresholds=[0.3, 0.5, 0.7])
+    source = StreamSource(endpoint, view_socket)
+    rng = np.random.default_rng(5)
+    images = rng.exponential(30, (3, 2, 8, 8, 1)).astype(np.float32)
+    try:
+        time.sleep(0.5)  # a subscriber's subscription reaches the publisher
+        for t in range(3):
+            probs = rng.random((2, 3)).astype(np.float32)
+            publisher.publish(700 + t, np.array([4, 6]), {
+                "probabilities": probs, "classes": (probs > 0.5).astype(np.uint8), "images": images[t],
+                "gradcam": np.ones((1, 3, 2, 2), np.float32) * (t + 1), "gradcam_index": np.array([1])})
+        deadline = time.monotonic() + 10
+        while (source.table is None or source.table.shots < 6) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert source.table.ids == [f"{t}-{i}" for t in range(700, 703) for i in range(2)]
+        assert source.thresholds == [0.3, 0.5, 0.7]
+        assert np.array_equal(source.image("701-1"), eight_bit(images[1])[1])
+        assert source.image("701-1").dtype == np.uint8 and source.image("701-1").max() == 255
+        assert source.heat("702-1", 2).tolist() == [[3, 3], [3, 3]] and source.heat("702-0", 2) is None
+        assert source.table.shot(source.table.row("700-1"))["pulse"] == 6
+    finally:
+        source.close()
+        publisher.close()

@@ -169,10 +169,13 @@ async function refresh() {
   if (state.busy) return;  // the last refresh has not finished: skip this one rather than pile them up
   state.busy = true;
   try {
-    const s = await (await fetch("/api/summary")).json();
+    // Both at once: a new shot waits for one round trip, not two. The grid uses the last summary's word
+    // on images until this one comes.
+    const [s] = await Promise.all([fetch("/api/summary").then((r) => r.json()), loadShots()]);
+    const imagesCame = s.images && !(state.summary && state.summary.images);
     state.summary = s;
     showSummary(s);
-    await loadShots();
+    if (imagesCame) { state.shown = ""; await loadShots(); }
   } catch (e) {
     $("state").textContent = `no answer from the view (${e})`;
   } finally {
