@@ -1,6 +1,7 @@
 """--mode=live's results as a Karabo bridge stream (protocol 2.2) at --publish: one message per train
 from source AIRYNET/CLASSIFIER with trainId, pulseId [N], probabilities [N, C], classes [N, C] (uint8,
-the run's decision rule), class_names and, for the shots that have maps, gradcam [M, C, h, w]
+the run's decision rule), class_names, ood_score [N] and unknown [N] (uint8) where the run has an
+out-of-distribution fit (nn/ood.py) and, for the shots that have maps, gradcam [M, C, h, w]
 (Grad-CAM++ at the last block's resolution) with gradcam_index [M] (their rows in the train).
 
 The results wait in a backlog (two batches' worth of trains, as live.py sizes it) and go out oldest first
@@ -59,12 +60,16 @@ class Publisher:
         self.thread.start()
 
     def publish(self, train_id, pulses, result):
-        """One train's message: `result` holds its "probabilities" and "classes" and, if some of its
+        """One train's message: `result` holds its "probabilities", "classes", maybe "ood_score" and
+        "unknown" and, if some of its
         shots have maps, their "gradcam" and "gradcam_index". Raises the sending thread's error."""
         if self.error is not None:
             raise AiryNetError(f"--publish={self.endpoint}: {type(self.error).__name__}: {first_line(self.error)}")
         values = {"trainId": train_id, "pulseId": pulses, "probabilities": result["probabilities"],
                   "classes": result["classes"], "class_names": self.class_names}
+        for name in ("ood_score", "unknown"):  # where the run has an out-of-distribution fit
+            if name in result:
+                values[name] = result[name]
         if "gradcam" in result:
             values.update(gradcam=result["gradcam"], gradcam_index=result["gradcam_index"])
         now = time.time()
