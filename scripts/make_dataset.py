@@ -9,7 +9,9 @@ and size: train = shots 0..dataset_size-1, eval and predict = the held-out shots
 TFRecords hold bunch IDs (the shot index) instead of labels, as the original's helium files did.
 --version picks the simulator version (default: nn/inputs/simulate.py's VERSION), --shifted its SHIFTED
 settings (version 2), --shift=GROUP only one group of them (DEFAULT otherwise), --eval_size the number
-of eval/predict shots (default: as --dataset=synthetic). The files are written into OUT.partial and
+of eval/predict shots (default: as --dataset=synthetic). --kind=KIND writes shots that are not droplets
+(nn/inputs/nondroplet.py: crystal, ice, speckle, multi, faults; labels all 0) as eval and predict files, to
+test the out-of-distribution score; never training files. The files are written into OUT.partial and
 appear in OUT together at the end, so an interrupted run never leaves a dataset that looks finished.
 """
 import argparse
@@ -24,15 +26,18 @@ from tqdm import tqdm  # noqa: E402
 
 from nn import config  # noqa: E402
 from nn.files import atomic_dir  # noqa: E402
-from nn.inputs import cxi, data, simulate, tfrecord  # noqa: E402
+from nn.inputs import cxi, data, nondroplet, simulate, tfrecord  # noqa: E402
 
 EXTENSIONS = {"tfrecord": "tfrecord", "cxi_shots": "cxi", "cxi_stacked": "cxi"}
 
 
-def write_split(out, fmt, mode, first, last, seed, size, per_file, version=None, settings=None):
+def write_split(out, fmt, mode, first, last, seed, size, per_file, version=None, settings=None, kind=None):
     for part, start in enumerate(tqdm(range(first, last, per_file), desc=mode, unit="file")):
         count = min(per_file, last - start)
-        images, labels = simulate.simulate(count, seed, size, start=start, version=version, settings=settings)
+        if kind:
+            images, labels = nondroplet.simulate(kind, count, seed, size, start=start)
+        else:
+            images, labels = simulate.simulate(count, seed, size, start=start, version=version, settings=settings)
         ids = np.arange(start, start + count)
         path = os.path.join(out, f"part{part:03d}_{mode}.{EXTENSIONS[fmt]}")
         if fmt == "tfrecord":
@@ -51,7 +56,9 @@ def main(argv=None):
     p.add_argument("--dataset_size", type=int, default=7264, help="Training shots.")
     p.add_argument("--random_seed", type=int, default=1612)
     p.add_argument("--per_file", type=int, default=1024, help="Shots per file.")
-    p.add_argument("--modes", default="train,eval,predict")
+    p.add_argument("--modes", default=None, help="Splits to write (default train,eval,predict; with --kind eval,predict).")
+    p.add_argument("--kind", choices=nondroplet.KINDS, default=None,
+                   help="Shots that are not droplets, for out-of-distribution tests (never training files).")
     p.add_argument("--version", type=int, choices=simulate.VERSIONS, default=None,
                    help=f"Simulator version (default {simulate.VERSION}).")
     p.add_argument("--shifted", action="store_true", help="Version 2's SHIFTED settings (a robustness test set).")
@@ -67,18 +74,21 @@ def main(argv=None):
     if (args.shifted or args.shift) and args.version == 1:
         flag = "--shifted" if args.shifted else "--shift"
         sys.exit(f"make_dataset.py: error: {flag}: version 1 has fixed settings")
+    modes = (args.modes or ("eval,predict" if args.kind else "train,eval,predict")).split(",")
+    if args.kind and (args.shifted or args.shift or args.version or "train" in modes):
+        sys.exit("make_dataset.py: error: --kind: writes only eval and predict files, with no simulator version or shift")
     if args.shifted and args.shift:
         sys.exit("make_dataset.py: error: --shifted moves every setting; --shift one group: give one of them")
     cfg = config.parse_args([f"--dataset_size={args.dataset_size}"])
     settings = simulate.SHIFTED if args.shifted else simulate.shifted_in(args.shift) if args.shift else None
     with atomic_dir(args.out) as staging:
-        for mode in args.modes.split(","):
+        for mode in modes:
             # Every training shot: a run that calibrates holds its calibration shots out of these files itself.
             first, last = data.synthetic_range(cfg, mode, calibration_share=0.0)
             if args.eval_size is not None and mode != "train":
                 last = first + args.eval_size
             write_split(staging, args.format, mode, first, last, args.random_seed, args.size, args.per_file,
-                        args.version, settings)
+                        args.version, settings, args.kind)
     print(f"Wrote {args.format} files to {args.out}")
 
 
