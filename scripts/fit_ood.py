@@ -14,7 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import airynet  # noqa: E402
-from nn import config, ood  # noqa: E402
+from nn import config  # noqa: E402
+
+with airynet.native_stderr_silenced(True):  # TensorFlow's import-time notices, as airynet.py does
+    from nn import ood  # noqa: E402
 
 
 def load_run(flags):
