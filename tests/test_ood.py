@@ -12,6 +12,8 @@ import h5py
 import keras
 import numpy as np
 import pytest
+
+import tensorflow as tf
 from scipy.spatial import distance
 
 import airynet
@@ -20,6 +22,9 @@ from nn import checkpoints, config, metrics, ood, recipe
 from nn.inputs import nondroplet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import fit_ood  # noqa: E402
+import make_dataset  # noqa: E402
 TRAIN_FLAGS = [f"--ori_width={SIZE}", f"--ori_height={SIZE}", "--target_width=32", "--target_height=32",
                "--batch_size=4", "--num_worker=2", "--dataset=synthetic", "--dataset_size=120", "--train_steps=3",
                "--steps_per_eval=3", "--eval_steps=1", "--recipe=modern", "--use_nchw=false"]
@@ -148,16 +153,18 @@ def test_run_without_fit_predicts_with_a_note(run_dir, tmp_path, tfrecord_dir, c
         assert "ood_score" not in f and "unknown" not in f and "probs" in f
         assert str(f.attrs["ood_method"]).startswith("none")
 
-    # Fitted afterwards, by the script, with another method.
-    script = os.path.join(ROOT, "scripts", "fit_ood.py")
-    done = subprocess.run([sys.executable, script, f"--load_dir={old}", "--method=knn", "--use_nchw=false"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+
+def test_fit_script_fits_a_run_afterwards(run_dir, tmp_path, capsys):
+    old = tmp_path / "old_run"
+    shutil.copytree(run_dir, old)
+    os.remove(old / ood.OOD_FILE)
+    assert fit_ood.main([f"--load_dir={old}", "--method=knn", "--use_nchw=false"]) == 0
     with np.load(old / ood.OOD_FILE) as f:
-        assert str(f["method"]) == "knn" and f["bank"].shape == (108, 512)
-    bad = subprocess.run([sys.executable, script, f"--load_dir={tmp_path / 'nothing'}"], capture_output=True,
-                         text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nothing" in bad.stderr
+        assert str(f["method"]) == "knn" and f["bank"].shape == (108, 512) and float(f["threshold"]) > 0
+    capsys.readouterr()
+    assert fit_ood.main([f"--load_dir={tmp_path / 'nothing'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing" in err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,12 +226,25 @@ def test_nondroplet_shots():
         nondroplet.simulate("glass", 1, seed=0, size=32)
 
 
+def tfrecord_shots(path):
+    """(images uint16 [N, H, W], labels int16 [N, 11]) of a TFRecord file, parsed here with tf.io."""
+    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string), "image/class/label": tf.io.FixedLenFeature([], tf.string),
+            "image/height": tf.io.FixedLenFeature([], tf.int64)}
+    images, labels = [], []
+    for record in tf.data.TFRecordDataset(path):
+        ex = tf.io.parse_single_example(record, spec)
+        h = int(ex["image/height"])
+        images.append(np.frombuffer(ex["image/encoded"].numpy(), np.uint16).reshape(h, -1))
+        labels.append(np.frombuffer(ex["image/class/label"].numpy(), np.int16))
+    return np.stack(images), np.stack(labels)
+
+
 def test_make_dataset_kind(tmp_path):
-    script = os.path.join(ROOT, "scripts", "make_dataset.py")
-    done = subprocess.run([sys.executable, script, f"--out={tmp_path / 'ice'}", "--kind=ice", "--size=32",
-                           "--eval_size=4"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    make_dataset.main([f"--out={tmp_path / 'ice'}", "--kind=ice", "--size=32", "--eval_size=4"])
     assert sorted(os.listdir(tmp_path / "ice")) == ["part000_eval.tfrecord", "part000_predict.tfrecord"]
-    refused = subprocess.run([sys.executable, script, f"--out={tmp_path / 'x'}", "--kind=ice", "--modes=train"],
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0 and "--kind" in refused.stderr
+    images, labels = tfrecord_shots(str(tmp_path / "ice" / "part000_eval.tfrecord"))
+    expected, _ = nondroplet.simulate("ice", 4, seed=1612, size=32, start=7264)  # the held-out shots' indices
+    np.testing.assert_array_equal(images, expected)
+    assert labels.shape == (4, 11) and not labels.any()
+    with pytest.raises(SystemExit, match="--kind"):
+        make_dataset.main([f"--out={tmp_path / 'x'}", "--kind=ice", "--modes=train"])
