@@ -7,24 +7,30 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import h5py
+import karabo_bridge
 import keras
 import numpy as np
 import pytest
-
 import tensorflow as tf
+import zmq
 from scipy.spatial import distance
 
 import airynet
 from conftest import SIZE
 from nn import checkpoints, config, metrics, ood, recipe
+from nn.beamline.live import Results, Stats
+from nn.beamline.publisher import SOURCE, Publisher
+from nn.beamline.receiver import Train
 from nn.inputs import nondroplet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import fit_ood  # noqa: E402
 import make_dataset  # noqa: E402
+
 TRAIN_FLAGS = [f"--ori_width={SIZE}", f"--ori_height={SIZE}", "--target_width=32", "--target_height=32",
                "--batch_size=4", "--num_worker=2", "--dataset=synthetic", "--dataset_size=120", "--train_steps=3",
                "--steps_per_eval=3", "--eval_steps=1", "--recipe=modern", "--use_nchw=false"]
@@ -248,3 +254,29 @@ def test_make_dataset_kind(tmp_path):
     assert labels.shape == (4, 11) and not labels.any()
     with pytest.raises(SystemExit, match="--kind"):
         make_dataset.main([f"--out={tmp_path / 'x'}", "--kind=ice", "--modes=train"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Live sorting publishes and writes both
+
+def test_live_publishes_and_writes_score_and_unknown():
+    probs = np.linspace(0, 1, 15, dtype=np.float32).reshape(5, 3)
+    result = {"probabilities": probs, "classes": (probs > 0.5).astype(np.uint8),
+              "ood_score": np.arange(5, dtype=np.float32), "unknown": np.array([0, 0, 1, 1, 1], np.uint8)}
+    trains = [Train(10, None, np.arange(2), 0.0), Train(11, None, np.arange(3), 0.0)]
+    written = []
+    publisher = Publisher("tcp://127.0.0.1:*", "REP", ["a", "b", "c"], backlog=4)
+    endpoint = publisher.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    try:
+        Results(publisher, types.SimpleNamespace(write=written.append), Stats(["a", "b", "c"]), save_images=False).add(
+            trains, np.zeros((5, 4, 4, 1)), np.zeros(5, bool), result)
+        client = karabo_bridge.Client(endpoint, "REQ", timeout=10)
+        messages = [client.next()[0][SOURCE] for _ in range(2)]
+    finally:
+        publisher.close()
+    np.testing.assert_array_equal(messages[0]["ood_score"], [0, 1])
+    np.testing.assert_array_equal(messages[1]["unknown"], [1, 1, 1])
+    (rows,) = written
+    np.testing.assert_array_equal(rows["ood_score"], result["ood_score"])
+    np.testing.assert_array_equal(rows["unknown"], result["unknown"])
+
