@@ -9,6 +9,8 @@
                                            # and airynet.py --mode=predict end to end (defaults, --gradcam=false),
                                            # plain and with XLA (--jit_inference), taking turns round by round
     python scripts/benchmark.py predict --compare_torch   # ... and the same net under torch.compile
+    python scripts/benchmark.py ood        # the step with each out-of-distribution score (nn/ood.py) against the
+                                           # step without, with and without the Grad-CAM++ maps, taking turns
     python scripts/benchmark.py stages     # predict's hot path stage by stage (read, decode, ..., writer), ms a batch
     python scripts/benchmark.py live       # 1024x1024 pnCCD-like frames from a local Karabo bridge, classified
                                            # at 224x224 live vs offline predict of the same frames as a run
@@ -332,6 +334,47 @@ def bench_predict(args):
             seconds, compiles = np.median(np.array(commands[name]), axis=0)
             line += f"   command {seconds:.1f} s" + (f", XLA compiles {compiles:.1f} s" if compiles else "")
         print(line)
+    print("  " + machine_line())
+
+
+def bench_ood(args):
+    """The predict step with each out-of-distribution method's score against the same step without one
+    (with the Grad-CAM++ maps, as predict's default, and without), taking turns for --rounds rounds: the
+    median ratio of the rates in the same round gives the score's cost per shot. The statistics are fitted
+    on random features of the right sizes: the cost does not depend on their values."""
+    import tempfile
+    from nn import inference, ood
+    from nn.models.networks import build_model
+    cfg = make_cfg(args, "--dataset=synthetic", *args.flags.split())
+    model = build_model(cfg)
+    images = tf.random.uniform([cfg.batch_size, cfg.target_height, cfg.target_width, cfg.target_depth], 0, 100)
+    print(f"ood ResNet-{args.resnet_size} {args.target}x{args.target}x1 batch {args.batch_size} {args.flags}")
+    print("  " + machine_line(), flush=True)
+    rng = np.random.default_rng(0)
+    runs = {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        for maps in ("layer", None):
+            cfg.load_dir = ""
+            runs[(maps, "none")] = inference.make_step(cfg, model, maps)
+            for method in ood.METHODS:
+                sizes = [int(t.shape[-1]) for t in ood.feature_tensors(model, method)]
+                stats = ood.fit_stats(method, [rng.normal(size=(ood.FIT_SHOTS, k)) for k in sizes])
+                ood.save(run_dir, method, stats, 1.0, "random statistics (benchmark)")
+                cfg.load_dir = run_dir
+                runs[(maps, method)] = inference.make_step(cfg, model, maps)
+    rates = {key: [] for key in runs}
+    for key, step in runs.items():
+        step(images)["probabilities"].numpy()  # trace and warm up
+    for round_ in range(args.rounds):
+        for key, step in runs.items():
+            rates[key].append(images_per_second(lambda step=step: step(images)["probabilities"].numpy(),
+                                                args.steps, cfg.batch_size))
+        print(f"  round {round_ + 1} ({os.getloadavg()[0]:.1f} load)", flush=True)
+    print(f"  img/s ({args.steps} batches a round), median of {args.rounds} rounds, and the median cost per shot "
+          f"against the same step without a score:")
+    for (maps, method), values in rates.items():
+        cost = np.median(np.array(rates[(maps, "none")]) / np.array(values)) - 1
+        print(f"    {'with maps' if maps else 'no maps':<10} {method:<20} {np.median(values):7.1f}   {cost:+.1%}")
     print("  " + machine_line())
 
 
@@ -705,7 +748,7 @@ def torch_training_rate(cfg, n_batches, repeats=3):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("input", "train", "predict", "stages", "h5", "live", "repeat"))
+    p.add_argument("what", choices=("input", "train", "predict", "ood", "stages", "h5", "live", "repeat"))
     p.add_argument("--size", type=int, default=259)
     p.add_argument("--target", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=24)
@@ -739,7 +782,7 @@ def main():
         args.steps = 60 if args.what == "input" else 40
     if args.rounds is None:
         args.rounds = 2 if args.what in ("live", "predict") else 5
-    {"input": bench_input, "train": bench_train, "predict": bench_predict, "stages": bench_stages, "h5": bench_h5,
+    {"input": bench_input, "train": bench_train, "predict": bench_predict, "ood": bench_ood, "stages": bench_stages, "h5": bench_h5,
      "live": bench_live, "repeat": bench_repeat}[args.what](args)
 
 
