@@ -280,3 +280,24 @@ def test_live_publishes_and_writes_score_and_unknown():
     np.testing.assert_array_equal(rows["ood_score"], result["ood_score"])
     np.testing.assert_array_equal(rows["unknown"], result["unknown"])
 
+
+
+def test_one_pass_training_shots_leave_the_calibration_shots_out(tmp_path):
+    """The score's statistics come from training shots, its threshold from the calibration split: they must
+    not share shots, also where training interleaves several TFRecord files."""
+    from nn.inputs import tfrecord
+    os.makedirs(tmp_path / "two")
+    images = (np.arange(40)[:, None, None] * np.ones((1, SIZE, SIZE))).astype(np.uint16)  # shot i: all pixels i
+    labels = np.zeros((40, 11), np.int16)
+    for part in range(2):
+        tfrecord.write(str(tmp_path / "two" / f"p{part}_train.tfrecord"), images[part::2], labels[part::2])
+    cfg = config.parse_args([f"--ori_width={SIZE}", f"--ori_height={SIZE}", "--target_width=32", "--target_height=32",
+                             "--batch_size=4", "--num_worker=2", f"--data_dir={tmp_path}/", "--dataset=two",
+                             "--recipe=modern", "--use_log_act=true"])
+    r = recipe.resolve(cfg)
+
+    def shot_ids(mode):
+        return {int(round(float(np.max(x)))) for batch, _ in ood.data.dataset(cfg, r, mode, one_pass=True)
+                for x in batch.numpy()}
+    train, held = shot_ids("train"), shot_ids("calibrate")
+    assert len(held) == 4 and not train & held and train | held == set(range(40))
