@@ -33,7 +33,7 @@ log = logging.getLogger("airynet")
 
 OOD_FILE = "ood.npz"
 METHODS = ("mahalanobis", "mahalanobis_layers", "knn", "energy", "max_logit")
-DEFAULT_METHOD = "mahalanobis"
+DEFAULT_METHOD = "mahalanobis_layers"
 FEATURE_METHODS = ("mahalanobis", "mahalanobis_layers", "knn")
 IN_DISTRIBUTION_PASS = 0.95  # share of held-back in-distribution shots under the threshold
 FIT_SHOTS = 2048

@@ -45,7 +45,7 @@ def run_dir(tmp_path_factory):
 
 
 def restored(run, *flags):
-    cfg = config.parse_args(["--mode=predict", f"--load_dir={run}", *flags])
+    cfg = config.parse_args(["--mode=predict", f"--load_dir={run}", "--use_nchw=false", *flags])
     config.merge_run_config(cfg, run)
     r = recipe.resolve(cfg)
     model, _ = checkpoints.restore_model(cfg, r)
@@ -54,6 +54,21 @@ def restored(run, *flags):
 
 def penultimate(model, images):
     return np.asarray(keras.Model(model.input, model.get_layer("final_dense").input)(images, training=False), np.float64)
+
+
+def direct_blocks(model, images, method):
+    """The features a method scores, straight from the ResNet's layers: each group's last block output
+    averaged over the map (NHWC), then the penultimate features."""
+    if method != "mahalanobis_layers":
+        return [penultimate(model, images)]
+    names = ["group1_block2_add", "group2_block2_add", "group3_block2_add", "group4_block2_add"]  # ResNet-18
+    maps = keras.Model(model.input, [model.get_layer(n).output for n in names])(images, training=False)
+    return [np.asarray(m, np.float64).mean(axis=(1, 2)) for m in maps] + [penultimate(model, images)]
+
+
+def mahalanobis_numpy(blocks, saved):
+    return sum(np.einsum("nk,kl,nl->n", unit_rows(f) - saved[f"mean{b}"], saved[f"precision{b}"],
+                         unit_rows(f) - saved[f"mean{b}"]) / f.shape[1] for b, f in enumerate(blocks))
 
 
 def unit_rows(x):
@@ -108,9 +123,7 @@ def test_training_fits_the_default_on_held_back_shots(run_dir):
     # The threshold passes 95% of the calibration shots' scores, computed here in numpy.
     cal = np.concatenate([images.numpy() for images, _ in ood.data.dataset(cfg, r, "calibrate")])
     assert len(cal) == 12
-    blocks = [penultimate(model, cal)] if ood.DEFAULT_METHOD == "mahalanobis" else ood.collect(cfg, r, model, "calibrate", ood.DEFAULT_METHOD, 100)[1]
-    scores = sum(np.einsum("nk,kl,nl->n", unit_rows(f) - saved[f"mean{b}"], saved[f"precision{b}"],
-                           unit_rows(f) - saved[f"mean{b}"]) / f.shape[1] for b, f in enumerate(blocks))
+    scores = mahalanobis_numpy(direct_blocks(model, cal, ood.DEFAULT_METHOD), saved)
     assert threshold == pytest.approx(np.quantile(scores, 0.95), rel=1e-4)
 
 
@@ -134,13 +147,11 @@ def test_predict_writes_score_and_unknown(run_dir, tmp_path, tfrecord_dir, layou
             images = np.stack([g["img"][:] for g in groups])[..., None]
     np.testing.assert_array_equal(unknown, (scores > threshold).astype(np.uint8))
     assert set(np.unique(unknown)) <= {0, 1}
-    # The score of each shot, from the image as fed, computed here with numpy (default method: one block).
+    # The score of each shot, from the image as fed, computed here with numpy.
     _, _, model = restored(run_dir)
-    if ood.DEFAULT_METHOD == "mahalanobis":
-        with np.load(os.path.join(run_dir, ood.OOD_FILE)) as f:
-            d = unit_rows(penultimate(model, images)) - f["mean0"]
-            np.testing.assert_allclose(scores, np.einsum("nk,kl,nl->n", d, f["precision0"], d) / d.shape[1],
-                                       rtol=2e-3)
+    with np.load(os.path.join(run_dir, ood.OOD_FILE)) as f:
+        expected = mahalanobis_numpy(direct_blocks(model, images, ood.DEFAULT_METHOD), f)
+    np.testing.assert_allclose(scores, expected, rtol=2e-3)
     with open(pred / "helium.txt") as f:  # the original's format, untouched
         assert f.readline() == "Bunch_ID:\tClasses:\tProbabilities:\n"
         assert len(f.readline().split("\t")) == 3
