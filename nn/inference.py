@@ -1,6 +1,7 @@
 """The network applied to a batch of images, as one tf.function: probabilities, 0/1 classes by the run's
 decision rule (--thresholds), the out-of-distribution score and `unknown` where the run has fitted one
-(nn/ood.py) and, where asked for, the Grad-CAM++ maps and the activations they come from. Shared by --mode=predict, --mode=live and scripts/benchmark.py.
+(nn/ood.py) and, where asked for, the Grad-CAM++ maps and the activations they come from. Shared by
+--mode=predict, --mode=live and scripts/benchmark.py.
 
 --jit_inference chooses what XLA compiles: the Grad-CAM++ maps, from the target layer's activations on
 ("maps", the default), the whole step ("all") or nothing ("none"). On CPUs oneDNN's convolutions, which
@@ -23,9 +24,9 @@ log = logging.getLogger("airynet")
 
 def make_step(cfg, model, maps="layer", conv=False, jit=None):
     """tf.function images [B, H, W, D] -> {"probabilities", "classes" (uint8) and, unless `maps` is None,
-    "grad_cam" float32 [B, C, h, w]} and, where the run has an out-of-distribution fit, "ood_score" float32
-    [B] and "unknown" uint8 [B], from the same forward pass: at the target layer's resolution ("layer") or resized to the input
-    size ("resized"); with `conv`, also the target layer's activations "conv" float32 [B, h, w, K].
+    "grad_cam" float32 [B, C, h, w]} at the target layer's resolution ("layer") or resized to the input
+    size ("resized"); with `conv`, also the target layer's activations "conv" float32 [B, h, w, K]; where the
+    run has an out-of-distribution fit, "ood_score" float32 [B] and "unknown" uint8 [B], from the same pass.
     `jit`: what XLA compiles (default: --jit_inference)."""
     jit = cfg.jit_inference if jit is None else jit
     shape = [cfg.target_height, cfg.target_width, cfg.target_depth]

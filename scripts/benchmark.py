@@ -339,8 +339,8 @@ def bench_predict(args):
 
 def bench_ood(args):
     """The predict step with each out-of-distribution method's score against the same step without one
-    (with the Grad-CAM++ maps, as predict's default, and without), taking turns for --rounds rounds: the
-    median ratio of the rates in the same round gives the score's cost per shot. The statistics are fitted
+    (with the Grad-CAM++ maps, as predict's default, and without), taking turns batch by batch for
+    --steps x --rounds batches: the median ratio of neighbouring batches' times gives the score's cost. The statistics are fitted
     on random features of the right sizes: the cost does not depend on their values."""
     import tempfile
     from nn import inference, ood
@@ -362,19 +362,24 @@ def bench_ood(args):
                 ood.save(run_dir, method, stats, 1.0, "random statistics (benchmark)")
                 cfg.load_dir = run_dir
                 runs[(maps, method)] = inference.make_step(cfg, model, maps)
-    rates = {key: [] for key in runs}
-    for key, step in runs.items():
+    for step in runs.values():
         step(images)["probabilities"].numpy()  # trace and warm up
-    for round_ in range(args.rounds):
+    # One batch of each variant in turn, --steps times over: a batch's time against the batch without a
+    # score just before it, so that the load of a shared machine, which changes over seconds, cancels.
+    seconds = {key: [] for key in runs}
+    for _ in range(args.steps * args.rounds):
         for key, step in runs.items():
-            rates[key].append(images_per_second(lambda step=step: step(images)["probabilities"].numpy(),
-                                                args.steps, cfg.batch_size))
-        print(f"  round {round_ + 1} ({os.getloadavg()[0]:.1f} load)", flush=True)
-    print(f"  img/s ({args.steps} batches a round), median of {args.rounds} rounds, and the median cost per shot "
-          f"against the same step without a score:")
-    for (maps, method), values in rates.items():
-        cost = np.median(np.array(rates[(maps, "none")]) / np.array(values)) - 1
-        print(f"    {'with maps' if maps else 'no maps':<10} {method:<20} {np.median(values):7.1f}   {cost:+.1%}")
+            start = time.perf_counter()
+            step(images)["probabilities"].numpy()
+            seconds[key].append(time.perf_counter() - start)
+    print(f"  {args.steps * args.rounds} batches of each, taking turns batch by batch ({os.getloadavg()[0]:.1f} load): "
+          f"img/s (median batch), and the cost per shot against the step without a score (median of the ratios "
+          f"of batches run one after the other; quartiles):")
+    for (maps, method), values in seconds.items():
+        ratios = np.array(values) / np.array(seconds[(maps, "none")]) - 1
+        q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+        print(f"    {'with maps' if maps else 'no maps':<10} {method:<20} {cfg.batch_size / np.median(values):7.1f}   "
+              f"{median:+.1%} ({q1:+.1%} .. {q3:+.1%})")
     print("  " + machine_line())
 
 
