@@ -117,6 +117,9 @@ def main(argv=None):
     try:
         cfg = config.parse_args(argv)
         setup_logging(cfg.log_level)
+        if cfg.mode == "view":  # no TensorFlow: the view only reads what the classifier wrote or publishes
+            from nn.web import view
+            return view.run(cfg)
         return run(cfg)
     except config.AiryNetError as e:
         if debug_requested(argv, cfg):

@@ -18,7 +18,7 @@ HELIUM_CLASSES = ["spherical_oblate", "round", "elliptical", "prolate", "streak"
 
 RESNET_SIZES = (18, 34, 50, 101, 152, 200)
 VGG_SIZES = (16, 19)
-MODES = ("train", "eval", "predict", "save", "live")
+MODES = ("train", "eval", "predict", "save", "live", "view")
 JIT_INFERENCE = ("maps", "all", "none")  # --jit_inference: what XLA compiles in predict and live
 MODERN_PIECES = ("schedule", "weight_decay", "ema", "bn_momentum", "area", "pos_weight", "augment")
 CONFIG_FILE = "config.json"
@@ -29,7 +29,8 @@ PER_INVOCATION = {"mode", "load_dir", "save_dir", "log_dir", "out_dir_name", "pr
                   "log_level", "num_shards", "shard_index", "gradcam", "save_npy", "save_images", "save_conv",
                   "h5_layout", "h5_compression", "eval_steps", "use_nchw", "num_cpu_replicas", "mixed_precision", "jit_compile",
                   "jit_inference", "bridge", "bridge_socket", "bridge_source", "bridge_key", "geometry", "publish",
-                  "publish_socket", "gradcam_every", "live_trains", "live_seconds", "thresholds", "pulses"}
+                  "publish_socket", "publish_images", "gradcam_every", "live_trains", "live_seconds", "thresholds", "pulses",
+                  "view_source", "view_socket", "view_host", "view_port"}
 
 
 class AiryNetError(Exception):
@@ -230,11 +231,26 @@ def build_parser():
                    help="Endpoint to publish the results on in the Karabo bridge protocol, e.g. tcp://*:4600.")
     g.add_argument("--publish_socket", type=str, default="REP", choices=("REP", "PUB", "PUSH"),
                    help="Socket type of --publish (clients use REQ, SUB or PULL respectively).")
+    g.add_argument("--publish_images", type=str2bool, default=True,
+                   help="Publish each shot's image with its results (uint8, log-scaled, at the network's input "
+                        "size), for --mode=view; needs --publish.")
     g.add_argument("--gradcam_every", type=int, default=0,
                    help="Publish Grad-CAM++ maps of every Nth shot (0: none); needs --publish, as the maps go "
                         "to the stream only.")
     g.add_argument("--live_trains", type=int, default=0, help="Stop after classifying N trains (0: never).")
     g.add_argument("--live_seconds", type=float, default=0, help="Stop after S seconds (0: never).")
+
+    g = p.add_argument_group("view")  # --mode=view: the browser view of a prediction file or a live stream
+    g.add_argument("--view_source", type=str, default="",
+                   help="What --mode=view shows: a prediction file (stacked or per-shot .h5), a folder of shard "
+                        "files, or tcp://HOST:PORT, the --publish stream of a live run.")
+    g.add_argument("--view_socket", type=str, default="SUB", choices=("SUB", "REQ", "PULL"),
+                   help="Socket type for a tcp:// --view_source, matching the run's --publish_socket (PUB, REP, "
+                        "PUSH). Use a PUB publisher with views: a REQ view takes results from other REQ clients.")
+    g.add_argument("--view_host", type=str, default="127.0.0.1",
+                   help="Address the view listens on; any other than loopback needs the token it logs at start.")
+    g.add_argument("--view_port", type=int, default=None,
+                   help="Port the view listens on (default: the first free of 8600..8609; 0: any free port).")
 
     g = p.add_argument_group("misc")
     g.add_argument("--log_level", type=str, default="INFO",
@@ -291,6 +307,7 @@ def validate(cfg):
     if cfg.mode == "save" and not cfg.save_dir:
         raise AiryNetError("--save_dir: --mode=save needs a directory to write the SavedModel to")
     validate_live(cfg)
+    validate_view(cfg)
     if cfg.mode in ("eval", "predict", "save", "live") and not cfg.load_dir:
         raise AiryNetError(f"--load_dir: --mode={cfg.mode} needs the run directory of a trained model")
 
@@ -314,6 +331,17 @@ def validate_live(cfg):
         raise AiryNetError(f"--geometry={cfg.geometry}: no such file")
     from nn.inputs.detectors import parse_pulses  # imported here: nn.inputs.detectors imports this module
     parse_pulses(cfg.pulses)
+
+
+def validate_view(cfg):
+    if cfg.view_port is not None and not 0 <= cfg.view_port < 65536:
+        raise AiryNetError(f"--view_port={cfg.view_port}: must be a port number, 0..65535")
+    if cfg.mode == "view" and not cfg.view_source:
+        raise AiryNetError("--view_source: --mode=view needs a prediction file, a folder of shard files or a "
+                           "live run's tcp://HOST:PORT")
+    if cfg.mode == "live" and cfg.publish_images and not cfg.publish and "publish_images" in getattr(cfg, "explicit", ()):
+        raise AiryNetError("--publish_images=true: the images go only to the published stream; pass "
+                           "--publish=tcp://*:PORT")
 
 
 def class_names(cfg):

@@ -14,6 +14,8 @@
     python scripts/benchmark.py stages     # predict's hot path stage by stage (read, decode, ..., writer), ms a batch
     python scripts/benchmark.py live       # 1024x1024 pnCCD-like frames from a local Karabo bridge, classified
                                            # at 224x224 live vs offline predict of the same frames as a run
+    python scripts/benchmark.py live --view --rounds=3   # live runs publishing without and with a --mode=view
+                                           # attached (and a client fetching what its page fetches), taking turns
     python scripts/benchmark.py h5         # HDF5 filters on predict outputs: write, size, read back
     python scripts/benchmark.py repeat --runs=20   # the same airynet.py --mode=predict (or --repeat_mode=train)
                                            # run N times, each in a new process: the spread of the rates
@@ -584,16 +586,16 @@ def bench_repeat(args):
               f"{min(values) / median:.2f}, max/median {max(values) / median:.2f}")
 
 
-def bench_live(args):
-    """Live (--mode=live from a local bridge) against offline predict of the same frames as a EuXFEL run,
-    both with the default outputs (txt, stacked h5 with images) and without Grad-CAM++ maps, taking turns."""
-    import re
+def live_setup(args, offline=True):
+    """The frames (an .npy for the bridge and, for `offline`, a EuXFEL mock run), the model and the flags
+    both live and offline runs take: (frames path, source, common flags)."""
     import airynet
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from test_euxfel import PNCCD, write_pnccd_run  # the mock run writer of the tests (EXtra-data's writer)
-    source = PNCCD + ":output"
     frames = np.kron(simulate.simulate(args.frames, seed=5, size=256)[0], np.ones((1, 4, 4))).astype(np.float32)
-    write_pnccd_run(os.path.join(args.work, "live", "r0001"), frames)
+    if offline:
+        write_pnccd_run(os.path.join(args.work, "live", "r0001"), frames)
+    os.makedirs(os.path.join(args.work, "live"), exist_ok=True)
     frames_path = os.path.join(args.work, "live", "frames.npy")
     np.save(frames_path, frames)
     run_dir = os.path.join(args.work, "live", "synthetic_model")
@@ -603,31 +605,47 @@ def bench_live(args):
                       "--eval_steps=1", "--dataset_size=24", f"--batch_size={args.batch_size}", "--log_level=WARNING"])
     common = [f"--load_dir={run_dir}", f"--batch_size={args.batch_size}", f"--target_width={args.target}",
               f"--target_height={args.target}", "--overwrite=true", "--log_level=INFO"]
+    return frames_path, PNCCD + ":output", common
+
+
+def live_run(args, port, setup, *flags):
+    """One live run from a bridge process of its own: (frames/s, p99 latency, received, processed, dropped)."""
+    import re
+    import airynet
+    frames_path, source, common = setup
+    # The bridge in a process of its own, as a local bridge is (karabo-bridge-server-sim,
+    # karabo-bridge-serve-files), not threads of the process it is measuring.
+    server = subprocess.Popen([sys.executable, "-c", BRIDGE_SERVER, str(port), source, frames_path, str(args.offer)])
+    try:
+        with LogLines() as lines:
+            airynet.main(["--mode=live", f"--bridge=tcp://127.0.0.1:{port}", f"--live_seconds={args.seconds}",
+                          f"--predict_dir={args.work}/live/online", *common, *flags])
+    finally:
+        server.terminate()
+        server.wait()
+    summary = next(line for line in lines if line.startswith("live: received"))
+    received, trains, processed, _, dropped, _, seconds = (float(v) for v in re.findall(r"[\d.]+", summary)[:7])
+    p99 = re.search(r"p99 ([\d.]+) s", summary)  # nan when nothing was processed
+    return processed / seconds if seconds else 0.0, float(p99[1]) if p99 else float("nan"), received, processed, dropped
+
+
+def bench_live(args):
+    """Live (--mode=live from a local bridge) against offline predict of the same frames as a EuXFEL run,
+    both with the default outputs (txt, stacked h5 with images) and without Grad-CAM++ maps, taking turns."""
+    import re
+    import airynet
+    setup = live_setup(args)
     print(f"live vs offline predict: {args.frames} pnCCD-like frames 1024x1024 (assembled 1078x1024), "
           f"ResNet-{args.resnet_size} at {args.target}x{args.target}, batch {args.batch_size}")
     ratios, p99s = [], []
     for round_ in range(args.rounds):
         with LogLines() as lines:
             airynet.main(["--mode=predict", f"--data_dir={args.work}/live/", "--dataset=r0001", "--gradcam=false",
-                          f"--predict_dir={args.work}/live/offline", *common])
+                          f"--predict_dir={args.work}/live/offline", *setup[2]])
         # The rate after the first batch, which builds the graph (live excludes its set-up too).
         offline = float(re.search(r"Predicted \d+ shots in [\d.]+ s \([\d.]+ shots/s, ([\d.]+) after the first",
                                   "\n".join(lines))[1])
-        port = 45000 + round_
-        # The bridge in a process of its own, as a local bridge is (karabo-bridge-server-sim,
-        # karabo-bridge-serve-files), not threads of the process it is measuring.
-        server = subprocess.Popen([sys.executable, "-c", BRIDGE_SERVER, str(port), source, frames_path, str(args.offer)])
-        try:
-            with LogLines() as lines:
-                airynet.main(["--mode=live", f"--bridge=tcp://127.0.0.1:{port}", f"--live_seconds={args.seconds}",
-                              f"--predict_dir={args.work}/live/online", *common])
-        finally:
-            server.terminate()
-            server.wait()
-        summary = next(line for line in lines if line.startswith("live: received"))
-        received, trains, processed, _, dropped, _, seconds = (float(v) for v in re.findall(r"[\d.]+", summary)[:7])
-        p99 = float(re.search(r"p99 ([\d.]+) s", summary)[1])
-        rate = processed / seconds
+        rate, p99, received, processed, dropped = live_run(args, 45000 + round_, setup)
         print(f"  round {round_ + 1}: live {rate:6.1f} frames/s, offline {offline:6.1f} shots/s, ratio "
               f"{rate / offline:.2f}; latency p99 {p99:.3f} s; received {received:.0f} = processed {processed:.0f} "
               f"+ dropped {dropped:.0f}: {received == processed + dropped}", flush=True)
@@ -635,6 +653,55 @@ def bench_live(args):
         p99s.append(p99)
     print(f"  {args.rounds} rounds: ratio median {np.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}); "
           f"latency p99 median {np.median(p99s):.3f} s (max {max(p99s):.3f})")
+
+
+def bench_live_view(args):
+    """Live sorting publishing (PUB, images on) without and with a view attached (airynet.py --mode=view
+    subscribed, and a client fetching what the page fetches twice a second: summary, 24 shots, their
+    images), taking turns; the view and the client are processes of their own, as at a beamline."""
+    setup = live_setup(args, offline=False)
+    print(f"live without and with a view: {args.frames} pnCCD-like frames 1024x1024, ResNet-{args.resnet_size} at "
+          f"{args.target}x{args.target}, batch {args.batch_size}, --publish_socket=PUB, {args.seconds:.0f} s a run")
+    rates = {False: [], True: []}
+    for round_ in range(args.rounds):
+        for attached in (False, True):
+            port = 45100 + 2 * round_ + attached
+            publish = [f"--publish=tcp://127.0.0.1:{port + 50}", "--publish_socket=PUB"]
+            viewer = [] if not attached else [subprocess.Popen(
+                [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "airynet.py"),
+                 "--mode=view", f"--view_source=tcp://127.0.0.1:{port + 50}", f"--view_port={port + 100}"]),
+                subprocess.Popen([sys.executable, "-c", PAGE_CLIENT, f"http://127.0.0.1:{port + 100}"])]
+            try:
+                rate, p99, received, processed, dropped = live_run(args, port, setup, *publish)
+            finally:
+                for proc in viewer:
+                    proc.terminate()
+                    proc.wait()
+            rates[attached].append(rate)
+            print(f"  round {round_ + 1}, {'with' if attached else 'without'} a view: {rate:6.2f} frames/s, "
+                  f"latency p99 {p99:.3f} s, received {received:.0f}, dropped {dropped:.0f}", flush=True)
+    without, with_view = np.median(rates[False]), np.median(rates[True])
+    print(f"  median of {args.rounds}: without {without:.2f} frames/s, with a view {with_view:.2f}: "
+          f"{with_view / without:.3f}x")
+
+
+# argv: base URL. What the page fetches twice a second: the summary, a page of 24 shots and their images.
+PAGE_CLIENT = """
+import json, sys, time, urllib.request
+base = sys.argv[1]
+def get(path):
+    try:
+        with urllib.request.urlopen(base + path, timeout=5) as r:
+            return r.read()
+    except OSError:
+        return None
+while True:
+    time.sleep(0.5)
+    get("/api/summary")
+    page = get("/api/shots?limit=24")
+    for shot in json.loads(page)["shots"] if page else []:
+        get(f"/api/shots/{shot['id']}/image.png")
+"""
 
 
 # argv: port, source, frames.npy, trains a second (0: as fast as asked). Frames cycled, train IDs counting up.
@@ -754,6 +821,8 @@ def torch_training_rate(cfg, n_batches, repeats=3):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("input", "train", "predict", "ood", "stages", "h5", "live", "repeat"))
+    p.add_argument("--view", action="store_true",
+                   help="Live: instead of offline predict, compare live runs without and with a --mode=view attached.")
     p.add_argument("--size", type=int, default=259)
     p.add_argument("--target", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=24)
@@ -787,8 +856,8 @@ def main():
         args.steps = 60 if args.what == "input" else 40
     if args.rounds is None:
         args.rounds = 2 if args.what in ("live", "predict") else 5
-    {"input": bench_input, "train": bench_train, "predict": bench_predict, "ood": bench_ood, "stages": bench_stages, "h5": bench_h5,
-     "live": bench_live, "repeat": bench_repeat}[args.what](args)
+    {"input": bench_input, "train": bench_train, "predict": bench_predict, "ood": bench_ood, "stages": bench_stages,
+     "h5": bench_h5, "live": bench_live_view if args.view else bench_live, "repeat": bench_repeat}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from nn import config, ood
+from nn import checkpoints, config, ood
 from nn.beamline.classifier import Classifier
 from nn.beamline.publisher import Publisher
 from nn.beamline.receiver import Receiver, Unpacker
@@ -69,10 +69,12 @@ def run(cfg, recipe, model):
         with StopSignal() as stop, contextlib.ExitStack() as closing:
             closing.callback(files.close)  # the callbacks run in the reverse order, each whatever the others do
             if cfg.publish:
-                publisher = Publisher(cfg.publish, cfg.publish_socket, names, BACKLOG_BATCHES * cfg.batch_size)
+                publisher = Publisher(cfg.publish, cfg.publish_socket, names, BACKLOG_BATCHES * cfg.batch_size,
+                                      _thresholds(cfg))
                 closing.callback(publisher.close)
             closing.callback(receiver.stop)
-            _classify(cfg, recipe, model, receiver, Results(publisher, files, stats, cfg.save_images), stop)
+            results = Results(publisher, files, stats, cfg.save_images, cfg.publish_images)
+            _classify(cfg, recipe, model, receiver, results, stop)
     except BaseException:
         if receiver.counts["trains"]:  # what a run that got data did before it failed
             log.info("%s; %s", stats.summary(receiver, publisher), files.describe())
@@ -81,6 +83,14 @@ def run(cfg, recipe, model):
         log.info("Stopped by %s", stop.received)
     log.info("%s; %s", stats.summary(receiver, publisher), files.describe())
     return 0
+
+
+def _thresholds(cfg):
+    """Each class's decision threshold, for the stream (None under --single_label's arg-max)."""
+    if cfg.single_label:
+        return None
+    thresholds = checkpoints.decision_thresholds(cfg)
+    return np.full(cfg.num_classes, 0.5, np.float32) if thresholds is None else thresholds
 
 
 def _classify(cfg, recipe, model, receiver, results, stop):
@@ -131,9 +141,9 @@ class Results:
     """Where a classified batch goes: train by train to the publisher (if any), shot by shot to the files,
     and into the statistics."""
 
-    def __init__(self, publisher, files, stats, save_images):
+    def __init__(self, publisher, files, stats, save_images, publish_images=False):
         self.publisher, self.files, self.stats = publisher, files, stats
-        self.save_images = save_images
+        self.save_images, self.publish_images = save_images, publish_images
 
     def add(self, trains, images, with_maps, result):
         """`trains` and their shots as Classifier.classify returns them."""
@@ -143,6 +153,8 @@ class Results:
             n = len(t.pulses)
             rows = slice(first, first + n)
             part = {k: result[k][rows] for k in ("probabilities", "classes", "ood_score", "unknown") if k in result}
+            if self.publish_images:
+                part["images"] = images[rows]
             chosen = np.flatnonzero(with_maps[rows])
             if len(chosen):
                 part.update(gradcam=result["gradcam"][map_rows[first + chosen]], gradcam_index=chosen)

@@ -1,8 +1,11 @@
 """--mode=live's results as a Karabo bridge stream (protocol 2.2) at --publish: one message per train
 from source AIRYNET/CLASSIFIER with trainId, pulseId [N], probabilities [N, C], classes [N, C] (uint8,
-the run's decision rule), class_names, ood_score [N] and unknown [N] (uint8) where the run has an
-out-of-distribution fit (nn/ood.py) and, for the shots that have maps, gradcam [M, C, h, w]
-(Grad-CAM++ at the last block's resolution) with gradcam_index [M] (their rows in the train).
+the run's decision rule), class_names, thresholds [C] (float32, where the rule is one of thresholds: a class
+is decided at or above its own), ood_score [N] (float32) and unknown [N] (uint8) where the run has an
+out-of-distribution fit (nn/ood.py), with --publish_images (the default) images [N, H, W] (uint8: the network's
+input, H x W = --target_height x --target_width, its first channel, log1p of the counts scaled so that each
+shot's largest is 255; for --mode=view) and, for the shots that have maps, gradcam [M, C, h, w] (float32,
+Grad-CAM++ at the last block's resolution) with gradcam_index [M] (their rows in the train).
 
 The results wait in a backlog (two batches' worth of trains, as live.py sizes it) and go out oldest first
 as clients take them, so a client that keeps up gets every result although a batch's trains come at once.
@@ -22,6 +25,7 @@ import collections
 import threading
 import time
 
+import numpy as np
 import zmq
 from karabo_bridge import serialize
 
@@ -37,9 +41,10 @@ class Publisher:
     """The results of a run, sent by a thread of their own so that a slow or absent client never slows
     the classifier. `backlog`: how many results may wait for a client."""
 
-    def __init__(self, endpoint, socket, class_names, backlog):
+    def __init__(self, endpoint, socket, class_names, backlog, thresholds=None):
         self.endpoint, self.kind, self.backlog = endpoint, socket, backlog
         self.class_names = list(class_names)
+        self.thresholds = None if thresholds is None else np.asarray(thresholds, np.float32)
         self.context = zmq.Context()
         self.socket = self.context.socket(getattr(zmq, socket))
         # PUB: ZeroMQ's queue per subscriber must hold a batch's burst. REP and PUSH send only when a
@@ -60,18 +65,19 @@ class Publisher:
         self.thread.start()
 
     def publish(self, train_id, pulses, result):
-        """One train's message: `result` holds its "probabilities", "classes", maybe "ood_score" and
-        "unknown" and, if some of its
+        """One train's message: `result` holds its "probabilities" and "classes", where the run has an
+        out-of-distribution fit its "ood_score" and "unknown", optionally its network input "images"
+        [N, H, W, D] (float32; made 8-bit by the sending thread, off the classifier's) and, if some of its
         shots have maps, their "gradcam" and "gradcam_index". Raises the sending thread's error."""
         if self.error is not None:
             raise AiryNetError(f"--publish={self.endpoint}: {type(self.error).__name__}: {first_line(self.error)}")
         values = {"trainId": train_id, "pulseId": pulses, "probabilities": result["probabilities"],
                   "classes": result["classes"], "class_names": self.class_names}
-        for name in ("ood_score", "unknown"):  # where the run has an out-of-distribution fit
-            if name in result:
-                values[name] = result[name]
-        if "gradcam" in result:
-            values.update(gradcam=result["gradcam"], gradcam_index=result["gradcam_index"])
+        if self.thresholds is not None:
+            values["thresholds"] = self.thresholds
+        for key in ("ood_score", "unknown", "images", "gradcam", "gradcam_index"):
+            if key in result:
+                values[key] = result[key]
         now = time.time()
         meta = {"source": SOURCE, "timestamp": now, "timestamp.sec": str(int(now)),
                 "timestamp.frac": f"{now % 1:.18f}"[2:], "timestamp.tid": train_id}
@@ -86,6 +92,9 @@ class Publisher:
         try:
             while not self.stopping.is_set():
                 if self._client_ready() and (message := self._oldest()) is not None:
+                    values = message[0][SOURCE]
+                    if "images" in values:
+                        values["images"] = eight_bit(values["images"])
                     self.socket.send_multipart(serialize(*message), copy=False)
                     self.asked = False
                     with self.changed:
@@ -125,3 +134,11 @@ class Publisher:
         self.thread.join()
         self.socket.close(linger=LINGER_MS)  # a reply already sent still reaches its client
         self.context.term()
+
+
+def eight_bit(images):
+    """Network inputs [N, H, W, D] as uint8 [N, H, W]: the first channel's log1p (negative counts as 0),
+    scaled so that each shot's largest value is 255 (nn/web/render.py shows them as they are)."""
+    logged = np.log1p(np.clip(np.asarray(images, np.float32)[..., 0], 0, None))
+    top = logged.max(axis=(1, 2), keepdims=True)
+    return np.round(logged * (255 / np.where(top > 0, top, 1))).astype(np.uint8)
