@@ -190,7 +190,8 @@ def load(cfg):
             arrays = {k: f[k] for k in f.files}
         method, threshold, info = str(arrays.pop("method")), float(arrays.pop("threshold")), str(arrays.pop("info"))
     except (OSError, ValueError, KeyError) as e:
-        raise config.AiryNetError(f"{path}: cannot read the out-of-distribution statistics ({config.first_line(e)})") from e
+        raise config.AiryNetError(f"{path}: cannot read the out-of-distribution statistics "
+                                  f"({config.first_line(e)})") from e
     if method not in METHODS:
         raise config.AiryNetError(f"{path}: unknown out-of-distribution method {method!r}")
     return Scorer(method, arrays, threshold, f"{info} ({os.path.abspath(path)})", cfg.single_label)

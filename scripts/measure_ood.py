@@ -5,7 +5,8 @@
     python scripts/measure_ood.py --table A.json B.json C.json
 
 Each DIR holds `*eval.tfrecord` (or CXI) files: the held-out droplet shots, and a set each to tell from
-them (scripts/make_dataset.py --kind=...; the SHIFTED droplets); --pooled names sets to measure also as one. Every method is fitted as training fits
+them (scripts/make_dataset.py --kind=...; the SHIFTED droplets); --pooled names sets to measure also as one.
+Every method is fitted as training fits
 the default (statistics from the training shots, threshold from the calibration split) and scored on all
 sets from one forward pass per shot. Per method and set: AUROC against the held-out shots, the FPR at 95%
 TPR, and the share flagged `unknown` by the fitted threshold (the held-out shots' own share too).
@@ -36,7 +37,8 @@ def blocks_for(method, features):
 
 def features_of(cfg, recipe, model, directory, mode="eval", shots=100000):
     run = copy.copy(cfg)
-    run.data_dir, run.dataset = os.path.dirname(os.path.normpath(directory)) + "/", os.path.basename(os.path.normpath(directory))
+    directory = os.path.normpath(directory)
+    run.data_dir, run.dataset = os.path.dirname(directory) + "/", os.path.basename(directory)
     return ood.collect(run, recipe, model, mode, ALL_BLOCKS, shots)
 
 
@@ -59,7 +61,8 @@ def measure(flags, heldout, sets, pooled=()):
         s = {name: scores(part) for name, part in tested.items()}
         if pooled:
             s[POOLED] = np.concatenate([s[name] for name in pooled])
-        result["methods"][method] = {"threshold": threshold, "unknown_heldout": float(np.mean(s["heldout"] > threshold)),
+        result["methods"][method] = {"threshold": threshold,
+                                     "unknown_heldout": float(np.mean(s["heldout"] > threshold)),
                                      "sets": {name: {"auroc": metrics.auroc(s["heldout"], s[name]),
                                                      "fpr95": metrics.fpr_at_tpr(s["heldout"], s[name]),
                                                      "unknown": float(np.mean(s[name] > threshold))}
@@ -80,7 +83,8 @@ def table(paths):
         lines += [f"\n{label}, mean ± sd over {len(runs)} runs:\n", "| method | " + " | ".join(sets) + " |",
                   "|---|" + "---|" * len(sets)]
         for m in methods:
-            lines.append(f"| {m} | " + " | ".join(cell([r["methods"][m]["sets"][s][what] for r in runs]) for s in sets) + " |")
+            cells = [cell([r["methods"][m]["sets"][s][what] for r in runs]) for s in sets]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["\nunknown on the held-out droplets (fitted threshold):\n", "| method | share |", "|---|---|"]
     lines += [f"| {m} | {cell([r['methods'][m]['unknown_heldout'] for r in runs])} |" for m in methods]
     return "\n".join(lines)
@@ -105,7 +109,8 @@ def main(argv=None):
         return 2
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps({m: {s: round(v["auroc"], 3) for s, v in r["sets"].items()} for m, r in result["methods"].items()}))
+    print(json.dumps({m: {s: round(v["auroc"], 3) for s, v in r["sets"].items()}
+                      for m, r in result["methods"].items()}))
     return 0
 
 

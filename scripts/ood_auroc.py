@@ -50,7 +50,8 @@ def main(argv=None):
     except AiryNetError as e:
         print(f"ood_auroc.py: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"auroc": round(metrics.auroc(s_in, s_out), 4), "fpr_at_95_tpr": round(metrics.fpr_at_tpr(s_in, s_out), 4),
+    print(json.dumps({"auroc": round(metrics.auroc(s_in, s_out), 4),
+                      "fpr_at_95_tpr": round(metrics.fpr_at_tpr(s_in, s_out), 4),
                       "unknown_in": round(float(np.mean(u_in)), 4), "unknown_out": round(float(np.mean(u_out)), 4),
                       "shots_in": len(s_in), "shots_out": len(s_out)}))
     return 0

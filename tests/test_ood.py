@@ -53,7 +53,8 @@ def restored(run, *flags):
 
 
 def penultimate(model, images):
-    return np.asarray(keras.Model(model.input, model.get_layer("final_dense").input)(images, training=False), np.float64)
+    features = keras.Model(model.input, model.get_layer("final_dense").input)(images, training=False)
+    return np.asarray(features, np.float64)
 
 
 def direct_blocks(model, images, method):
@@ -163,7 +164,8 @@ def test_run_without_fit_predicts_with_a_note(run_dir, tmp_path, tfrecord_dir, c
     os.remove(old / ood.OOD_FILE)
     with caplog.at_level(logging.INFO, logger="airynet"):
         assert airynet.main(["--mode=predict", f"--load_dir={old}", f"--predict_dir={tmp_path / 'pred'}",
-                             "--gradcam=false", "--use_nchw=false", f"--data_dir={tfrecord_dir}", "--dataset=helium"]) == 0
+                             "--gradcam=false", "--use_nchw=false", f"--data_dir={tfrecord_dir}",
+                             "--dataset=helium"]) == 0
     notes = [r.getMessage() for r in caplog.records if ood.OOD_FILE in r.getMessage()]
     assert len(notes) == 1 and "\n" not in notes[0] and "no ood_score" in notes[0]
     with h5py.File(tmp_path / "pred" / "helium.h5", "r") as f:
@@ -193,7 +195,8 @@ def test_auroc_and_fpr_against_pairwise_counts():
     pairs = np.mean(outside[:, None] > inside[None, :]) + 0.5 * np.mean(outside[:, None] == inside[None, :])
     assert metrics.auroc(inside, outside) == pytest.approx(pairs, abs=1e-12)
     assert metrics.auroc(inside, inside + 100) == 1.0 and metrics.auroc(inside + 100, inside) == 0.0
-    assert metrics.fpr_at_tpr(np.arange(100.0), np.array([10.0, 94.0, 95.0, 96.0, 200.0])) == pytest.approx(0.4, abs=1e-12)
+    five = np.array([10.0, 94.0, 95.0, 96.0, 200.0])
+    assert metrics.fpr_at_tpr(np.arange(100.0), five) == pytest.approx(0.4, abs=1e-12)
     # 95% of 0..99 stay at or under 94.05: of the five, 10 and 94 are taken for in-distribution.
 
 
@@ -245,7 +248,8 @@ def test_nondroplet_shots():
 
 def tfrecord_shots(path):
     """(images uint16 [N, H, W], labels int16 [N, 11]) of a TFRecord file, parsed here with tf.io."""
-    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string), "image/class/label": tf.io.FixedLenFeature([], tf.string),
+    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string),
+            "image/class/label": tf.io.FixedLenFeature([], tf.string),
             "image/height": tf.io.FixedLenFeature([], tf.int64)}
     images, labels = [], []
     for record in tf.data.TFRecordDataset(path):

@@ -120,7 +120,8 @@ def simulate_shot(rng, kind, size):
     mean = scatter[kind](rng, g, size) if kind in scatter else np.zeros((size, size), np.float32)
     length = rng.uniform(*s.stray_length)
     stray = droplets._log_uniform(rng, s.stray) * float(np.exp(s.beam_stop[0] / length))
-    mean = mean + stray * np.exp(g.radius * np.float32(-1 / length)) + np.float32(droplets._log_uniform(rng, s.background))
+    background = np.float32(droplets._log_uniform(rng, s.background))
+    mean = mean + stray * np.exp(g.radius * np.float32(-1 / length)) + background
     live = droplets._live(rng, g, s, size)
     mean = (mean * g.cos3 * live).astype(np.float32)
     image = droplets._detector(rng, mean, live, s)
@@ -137,5 +138,6 @@ def simulate(kind, n, seed, size, start=0):
     images = np.empty((n, size, size), np.uint16)
     labels = np.zeros((n, len(droplets.CLASS_SHARES)), np.int16)
     for i in range(n):
-        images[i], labels[i] = simulate_shot(np.random.default_rng([seed, KINDS.index(kind) + 1, start + i]), kind, size)
+        rng = np.random.default_rng([seed, KINDS.index(kind) + 1, start + i])
+        images[i], labels[i] = simulate_shot(rng, kind, size)
     return images, labels
