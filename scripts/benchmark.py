@@ -364,6 +364,8 @@ def bench_ood(args):
                 ood.save(run_dir, method, stats, 1.0, "random statistics (benchmark)")
                 cfg.load_dir = run_dir
                 runs[(maps, method)] = inference.make_step(cfg, model, maps)
+                if maps is None:  # the score alone, on features of a batch, in the same rotation
+                    runs[("score alone", method)] = _score_alone(ood.load(cfg), model, cfg.batch_size)
     for step in runs.values():
         step(images)["probabilities"].numpy()  # trace and warm up
     # One batch of each variant in turn, --steps times over: a batch's time against the batch without a
@@ -378,11 +380,20 @@ def bench_ood(args):
           f"img/s (median batch), and the cost per shot against the step without a score (median of the ratios "
           f"of batches run one after the other; quartiles):")
     for (maps, method), values in seconds.items():
-        ratios = np.array(values) / np.array(seconds[(maps, "none")]) - 1
+        ratios = np.array(values) / np.array(seconds[(maps if maps != "score alone" else None, "none")])
+        ratios -= maps != "score alone"  # the score alone: its time as a share of the step's
         q1, median, q3 = np.percentile(ratios, [25, 50, 75])
-        print(f"    {'with maps' if maps else 'no maps':<10} {method:<20} {cfg.batch_size / np.median(values):7.1f}   "
+        print(f"    {maps if maps == 'score alone' else 'with maps' if maps else 'no maps':<11} {method:<20} {cfg.batch_size / np.median(values):7.1f}   "
               f"{median:+.1%} ({q1:+.1%} .. {q3:+.1%})")
     print("  " + machine_line())
+
+
+def _score_alone(scorer, model, batch_size):
+    """A step-like callable: the scorer on random logits and features of one batch, as a tf.function."""
+    features = [tf.random.normal([batch_size, int(t.shape[-1])]) for t in scorer.tensors(model)]
+    logits = tf.random.normal([batch_size, int(model.output.shape[-1])])
+    score = tf.function(lambda: scorer(logits, features))
+    return lambda images: {"probabilities": score()["ood_score"]}
 
 
 def bench_stages(args):
