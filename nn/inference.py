@@ -1,6 +1,7 @@
 """The network applied to a batch of images, as one tf.function: probabilities, 0/1 classes by the run's
-decision rule (--thresholds) and, where asked for, the Grad-CAM++ maps and the activations they come
-from. Shared by --mode=predict, --mode=live and scripts/benchmark.py.
+decision rule (--thresholds), the out-of-distribution score and `unknown` where the run has fitted one
+(nn/ood.py) and, where asked for, the Grad-CAM++ maps and the activations they come from. Shared by
+--mode=predict, --mode=live and scripts/benchmark.py.
 
 --jit_inference chooses what XLA compiles: the Grad-CAM++ maps, from the target layer's activations on
 ("maps", the default), the whole step ("all") or nothing ("none"). On CPUs oneDNN's convolutions, which
@@ -12,9 +13,10 @@ so XLA compiles it once, when the step is made, and never in the middle of a run
 import logging
 import time
 
+import keras
 import tensorflow as tf
 
-from nn import checkpoints
+from nn import checkpoints, ood
 from nn.models import gradcam, networks
 
 log = logging.getLogger("airynet")
@@ -22,14 +24,18 @@ log = logging.getLogger("airynet")
 
 def make_step(cfg, model, maps="layer", conv=False, jit=None):
     """tf.function images [B, H, W, D] -> {"probabilities", "classes" (uint8) and, unless `maps` is None,
-    "grad_cam" float32 [B, C, h, w]}: at the target layer's resolution ("layer") or resized to the input
-    size ("resized"); with `conv`, also the target layer's activations "conv" float32 [B, h, w, K].
+    "grad_cam" float32 [B, C, h, w]} at the target layer's resolution ("layer") or resized to the input
+    size ("resized"); with `conv`, also the target layer's activations "conv" float32 [B, h, w, K]; where the
+    run has an out-of-distribution fit, "ood_score" float32 [B] and "unknown" uint8 [B], from the same pass.
     `jit`: what XLA compiles (default: --jit_inference)."""
     jit = cfg.jit_inference if jit is None else jit
     shape = [cfg.target_height, cfg.target_width, cfg.target_depth]
     thresholds = checkpoints.decision_thresholds(cfg)
     channels_first = gradcam.is_channels_first(model)
-    act_model = gradcam.activation_model(model, networks.GRADCAM_LAYER)
+    scorer = ood.load(cfg)
+    # One forward pass gives the Grad-CAM layer's activations, the logits and the score's features.
+    act_model = keras.Model(model.input, [model.get_layer(networks.GRADCAM_LAYER).output, model.output,
+                                          *(scorer.tensors(model) if scorer else [])])
     head = gradcam.head_model(model, networks.GRADCAM_LAYER)
 
     def outputs(logits):
@@ -47,10 +53,12 @@ def make_step(cfg, model, maps="layer", conv=False, jit=None):
         with_maps = _compiled(with_maps, tf.TensorSpec([cfg.batch_size, *target.shape[1:]], target.dtype))
 
     def network(images):
-        if maps is None and not conv:
+        if maps is None and not conv and scorer is None:
             return outputs(model(images, training=False))
-        acts, logits = act_model(images, training=False)
+        acts, logits, *features = act_model(images, training=False)
         result = outputs(logits) if maps is None else with_maps(acts)
+        if scorer is not None:
+            result.update(scorer(logits, features))
         if conv:
             result["conv"] = tf.cast(tf.transpose(acts, [0, 2, 3, 1]) if channels_first else acts, tf.float32)
         return result

@@ -104,3 +104,29 @@ def expected_calibration_error(probabilities, labels, bins=10):
             members = which[:, c] == b
             errors[c] += members.sum() * abs(probabilities[members, c].mean() - labels[members, c].mean())
     return errors / max(len(probabilities), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Out-of-distribution detection, from scores that are higher for out-of-distribution shots
+
+def auroc(in_scores, out_scores):
+    """Area under the ROC curve of telling `out_scores` from `in_scores` by thresholding: the chance that
+    an out-of-distribution shot scores above an in-distribution one, ties counting half (Mann-Whitney U,
+    from the ranks of both sets together)."""
+    x, y = np.asarray(in_scores, np.float64), np.asarray(out_scores, np.float64)
+    both = np.concatenate([x, y])
+    order = np.argsort(both, kind="stable")
+    ranks = np.empty(len(both))
+    ranks[order] = np.arange(1, len(both) + 1)
+    _, inverse, counts = np.unique(both, return_inverse=True, return_counts=True)
+    sums = np.zeros(len(counts))
+    np.add.at(sums, inverse, ranks)
+    ranks = (sums / counts)[inverse]  # tied scores share their mean rank
+    return float((ranks[len(x):].sum() - len(y) * (len(y) + 1) / 2) / (len(x) * len(y)))
+
+
+def fpr_at_tpr(in_scores, out_scores, tpr=0.95):
+    """Share of out-of-distribution shots taken for in-distribution ones where the threshold keeps `tpr`
+    of the in-distribution shots (at or under it)."""
+    threshold = np.quantile(np.asarray(in_scores, np.float64), tpr)
+    return float(np.mean(np.asarray(out_scores, np.float64) <= threshold))

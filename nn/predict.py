@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from nn import config, inference
+from nn import config, inference, ood
 from nn.inputs import data, tfrecord
 from nn.models import networks
 from nn.outputs import h5out, provenance, writers
@@ -106,7 +106,7 @@ def _stacked_fields(cfg, model, element_spec):
     with --save_conv."""
     image_shape = (cfg.target_height, cfg.target_width, cfg.target_depth) if cfg.save_images else None
     fields = writers.stacked_fields(cfg.num_classes, image_shape, labels="label" in element_spec,
-                                    pulses="pulse" in element_spec)
+                                    pulses="pulse" in element_spec, ood=ood.load(cfg) is not None)
     if cfg.gradcam:
         fields["grad_cam"] = ("float16", (cfg.num_classes,) + inference.map_size(model), {
             "layer": networks.GRADCAM_LAYER, "upsample_to": [cfg.target_height, cfg.target_width],
@@ -128,7 +128,7 @@ def _rows(result, batch, with_images):
     """One batch of the network's results and its inputs as numpy arrays, named as the files name them."""
     rows = {"bids": batch["bunch_id"].numpy(), "probs": result["probabilities"].numpy(),
             "preds": result["classes"].numpy()}
-    for name in ("grad_cam", "conv"):  # present when --gradcam / --save_conv asked for them
+    for name in ("grad_cam", "conv", "ood_score", "unknown"):  # present when asked for / fitted
         if name in result:
             rows[name] = result[name].numpy()
     if with_images:

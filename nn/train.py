@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from nn import calibrate, checkpoints, config, distribute, metrics
+from nn import calibrate, checkpoints, config, distribute, metrics, ood
 from nn.inputs import data
 from nn.models import networks
 from nn.config import AiryNetError
@@ -321,6 +321,9 @@ def train(cfg, recipe):
         if cluster.is_chief and (recipe.calibration_share > 0 or inherited is not None) and not cfg.single_label:
             with averaged_weights(state.learner.model, state.learner.average):
                 calibrate.calibrate(cfg, recipe, state.learner.model, run_dir, state.step, inherited)
+        if cluster.is_chief:  # the out-of-distribution score's statistics and threshold (nn/ood.py)
+            with averaged_weights(state.learner.model, state.learner.average):
+                ood.fit_run(cfg, recipe, state.learner.model, run_dir, state.step)
     logger.log_throughput()
     return exit_code
 

@@ -9,6 +9,8 @@
                                            # and airynet.py --mode=predict end to end (defaults, --gradcam=false),
                                            # plain and with XLA (--jit_inference), taking turns round by round
     python scripts/benchmark.py predict --compare_torch   # ... and the same net under torch.compile
+    python scripts/benchmark.py ood        # the step with each out-of-distribution score (nn/ood.py) against the
+                                           # step without, with and without the Grad-CAM++ maps, taking turns
     python scripts/benchmark.py stages     # predict's hot path stage by stage (read, decode, ..., writer), ms a batch
     python scripts/benchmark.py live       # 1024x1024 pnCCD-like frames from a local Karabo bridge, classified
                                            # at 224x224 live vs offline predict of the same frames as a run
@@ -335,6 +337,63 @@ def bench_predict(args):
             line += f"   command {seconds:.1f} s" + (f", XLA compiles {compiles:.1f} s" if compiles else "")
         print(line)
     print("  " + machine_line())
+
+
+def bench_ood(args):
+    """The predict step with each out-of-distribution method's score against the same step without one
+    (with the Grad-CAM++ maps, as predict's default, and without), taking turns batch by batch for
+    --steps x --rounds batches: the median ratio of neighbouring batches' times gives the score's cost. The statistics are fitted
+    on random features of the right sizes: the cost does not depend on their values."""
+    import tempfile
+    from nn import inference, ood
+    from nn.models.networks import build_model
+    cfg = make_cfg(args, "--dataset=synthetic", *args.flags.split())
+    model = build_model(cfg)
+    images = tf.random.uniform([cfg.batch_size, cfg.target_height, cfg.target_width, cfg.target_depth], 0, 100)
+    print(f"ood ResNet-{args.resnet_size} {args.target}x{args.target}x1 batch {args.batch_size} {args.flags}")
+    print("  " + machine_line(), flush=True)
+    rng = np.random.default_rng(0)
+    runs = {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        for maps in ("layer", None):
+            cfg.load_dir = ""
+            runs[(maps, "none")] = inference.make_step(cfg, model, maps)
+            for method in ood.METHODS:
+                sizes = [int(t.shape[-1]) for t in ood.feature_tensors(model, method)]
+                stats = ood.fit_stats(method, [rng.normal(size=(ood.FIT_SHOTS, k)) for k in sizes])
+                ood.save(run_dir, method, stats, 1.0, "random statistics (benchmark)")
+                cfg.load_dir = run_dir
+                runs[(maps, method)] = inference.make_step(cfg, model, maps)
+                if maps is None:  # the score alone, on features of a batch, in the same rotation
+                    runs[("score alone", method)] = _score_alone(ood.load(cfg), model, cfg.batch_size)
+    for step in runs.values():
+        step(images)["probabilities"].numpy()  # trace and warm up
+    # One batch of each variant in turn, --steps times over: a batch's time against the batch without a
+    # score just before it, so that the load of a shared machine, which changes over seconds, cancels.
+    seconds = {key: [] for key in runs}
+    for _ in range(args.steps * args.rounds):
+        for key, step in runs.items():
+            start = time.perf_counter()
+            step(images)["probabilities"].numpy()
+            seconds[key].append(time.perf_counter() - start)
+    print(f"  {args.steps * args.rounds} batches of each, taking turns batch by batch ({os.getloadavg()[0]:.1f} load): "
+          f"img/s (median batch), and the cost per shot against the step without a score (median of the ratios "
+          f"of batches run one after the other; quartiles):")
+    for (maps, method), values in seconds.items():
+        ratios = np.array(values) / np.array(seconds[(maps if maps != "score alone" else None, "none")])
+        ratios -= maps != "score alone"  # the score alone: its time as a share of the step's
+        q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+        print(f"    {maps if maps == 'score alone' else 'with maps' if maps else 'no maps':<11} {method:<20} {cfg.batch_size / np.median(values):7.1f}   "
+              f"{median:+.1%} ({q1:+.1%} .. {q3:+.1%})")
+    print("  " + machine_line())
+
+
+def _score_alone(scorer, model, batch_size):
+    """A step-like callable: the scorer on random logits and features of one batch, as a tf.function."""
+    features = [tf.random.normal([batch_size, int(t.shape[-1])]) for t in scorer.tensors(model)]
+    logits = tf.random.normal([batch_size, int(model.output.shape[-1])])
+    score = tf.function(lambda: scorer(logits, features))
+    return lambda images: {"probabilities": score()["ood_score"]}
 
 
 def bench_stages(args):
@@ -778,7 +837,7 @@ def torch_training_rate(cfg, n_batches, repeats=3):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("input", "train", "predict", "stages", "h5", "live", "repeat"))
+    p.add_argument("what", choices=("input", "train", "predict", "ood", "stages", "h5", "live", "repeat"))
     p.add_argument("--view", action="store_true",
                    help="Live: instead of offline predict, compare live runs without and with a --mode=view attached.")
     p.add_argument("--size", type=int, default=259)
@@ -814,8 +873,8 @@ def main():
         args.steps = 60 if args.what == "input" else 40
     if args.rounds is None:
         args.rounds = 2 if args.what in ("live", "predict") else 5
-    {"input": bench_input, "train": bench_train, "predict": bench_predict, "stages": bench_stages, "h5": bench_h5,
-     "live": bench_live_view if args.view else bench_live, "repeat": bench_repeat}[args.what](args)
+    {"input": bench_input, "train": bench_train, "predict": bench_predict, "ood": bench_ood, "stages": bench_stages,
+     "h5": bench_h5, "live": bench_live_view if args.view else bench_live, "repeat": bench_repeat}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ TFRecords hold bunch IDs (the shot index) instead of labels, as the original's h
 --version picks the simulator version (default: nn/inputs/simulate.py's VERSION), --shifted its SHIFTED
 settings (version 2), --shift=GROUP only one group of them (DEFAULT otherwise), --eval_size the number
 of eval/predict shots (default: as --dataset=synthetic), --fixed_detector one detector for the whole set
-(with its mask.npy). The files are written into OUT.partial and
+(with its mask.npy). --kind=KIND writes shots that are not droplets (nn/inputs/nondroplet.py: crystal, ice,
+speckle, multi, faults; labels all 0) as eval and predict files, to test the out-of-distribution score; never
+training files. The files are written into OUT.partial and
 appear in OUT together at the end, so an interrupted run never leaves a dataset that looks finished.
 """
 import argparse
@@ -25,16 +27,16 @@ from tqdm import tqdm  # noqa: E402
 
 from nn import config  # noqa: E402
 from nn.files import atomic_dir  # noqa: E402
-from nn.inputs import cxi, data, simulate, tfrecord  # noqa: E402
+from nn.inputs import cxi, data, nondroplet, simulate, tfrecord  # noqa: E402
 
 EXTENSIONS = {"tfrecord": "tfrecord", "cxi_shots": "cxi", "cxi_stacked": "cxi"}
 
 
-def write_split(out, fmt, mode, first, last, seed, size, per_file, version=None, settings=None, fixed=None):
+def write_split(out, fmt, mode, first, last, per_file, draw):
+    """Shots first..last-1 of `draw(count, start) -> (images, labels)` as files of `per_file` shots."""
     for part, start in enumerate(tqdm(range(first, last, per_file), desc=mode, unit="file")):
         count = min(per_file, last - start)
-        images, labels = simulate.simulate(count, seed, size, start=start, version=version, settings=settings,
-                                           fixed=fixed)
+        images, labels = draw(count, start)
         ids = np.arange(start, start + count)
         path = os.path.join(out, f"part{part:03d}_{mode}.{EXTENSIONS[fmt]}")
         if fmt == "tfrecord":
@@ -46,7 +48,7 @@ def write_split(out, fmt, mode, first, last, seed, size, per_file, version=None,
 
 
 def check_args(args):
-    """Exits with a one-line error where the flags contradict each other or --out holds files."""
+    """The splits to write; exits with a one-line error where the flags contradict each other or --out holds files."""
     existing = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
     if existing:
         what = "dataset files" if any(f.startswith("part") for f in existing) else "other files"
@@ -58,6 +60,11 @@ def check_args(args):
         sys.exit(f"make_dataset.py: error: {moved[0]}: version 1 has fixed settings")
     if args.shifted and args.shift:
         sys.exit("make_dataset.py: error: --shifted moves every setting; --shift one group: give one of them")
+    modes = (args.modes or ("eval,predict" if args.kind else "train,eval,predict")).split(",")
+    if args.kind and (moved or args.version or "train" in modes):
+        sys.exit("make_dataset.py: error: --kind: writes only eval and predict files, with no simulator version, "
+                 "shift or fixed detector")
+    return modes
 
 
 def main(argv=None):
@@ -68,7 +75,9 @@ def main(argv=None):
     p.add_argument("--dataset_size", type=int, default=7264, help="Training shots.")
     p.add_argument("--random_seed", type=int, default=1612)
     p.add_argument("--per_file", type=int, default=1024, help="Shots per file.")
-    p.add_argument("--modes", default="train,eval,predict")
+    p.add_argument("--modes", default=None, help="Splits to write (default train,eval,predict; with --kind eval,predict).")
+    p.add_argument("--kind", choices=nondroplet.KINDS, default=None,
+                   help="Shots that are not droplets, for out-of-distribution tests (never training files).")
     p.add_argument("--version", type=int, choices=simulate.VERSIONS, default=None,
                    help=f"Simulator version (default {simulate.VERSION}).")
     p.add_argument("--shifted", action="store_true", help="Version 2's SHIFTED settings (a robustness test set).")
@@ -79,20 +88,26 @@ def main(argv=None):
                    help="One detector (beam stop, gaps, bad pixels) for every shot, as at a beamline (version 2); "
                         "its mask (1 = bad) is written as OUT/mask.npy, for airynet.py --mask.")
     args = p.parse_args(argv)
-    check_args(args)
+    modes = check_args(args)
     cfg = config.parse_args([f"--dataset_size={args.dataset_size}"])
     settings = simulate.SHIFTED if args.shifted else simulate.shifted_in(args.shift) if args.shift else None
     fixed = simulate.fixed_detector(args.random_seed, args.size, settings) if args.fixed_detector else None
+
+    def draw(count, start):
+        if args.kind:
+            return nondroplet.simulate(args.kind, count, args.random_seed, args.size, start=start)
+        return simulate.simulate(count, args.random_seed, args.size, start=start, version=args.version,
+                                 settings=settings, fixed=fixed)
+
     with atomic_dir(args.out) as staging:
         if fixed is not None:
             np.save(os.path.join(staging, "mask.npy"), fixed.mask())
-        for mode in args.modes.split(","):
+        for mode in modes:
             # Every training shot: a run that calibrates holds its calibration shots out of these files itself.
             first, last = data.synthetic_range(cfg, mode, calibration_share=0.0)
             if args.eval_size is not None and mode != "train":
                 last = first + args.eval_size
-            write_split(staging, args.format, mode, first, last, args.random_seed, args.size, args.per_file,
-                        args.version, settings, fixed)
+            write_split(staging, args.format, mode, first, last, args.per_file, draw)
     print(f"Wrote {args.format} files to {args.out}")
 
 

@@ -4,6 +4,7 @@
     python scripts/plot.py gallery predictions/helium.h5 --out=gallery.png [--shots=8 --start=0 --class=round]
     python scripts/plot.py eval logs/helium_RUN [--out_dir=logs/helium_RUN/eval]
     python scripts/plot.py simulated --out=docs/gallery_v2.png [--size=259 --per_class=5 --version=2 --shifted]
+    python scripts/plot.py nondroplet --out=docs/ood_gallery.png [--size=259 --per_kind=5 --seed=0]
 
 `gallery` reads a predictions file (either h5 layout); `eval` reads RUN/eval/scores.npz, written by
 `airynet.py --mode=eval --load_dir=RUN`, and writes confusion.png and pr_curves.png.
@@ -38,7 +39,12 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--version", type=int, default=None, help="Simulator version (default: the current one).")
     s.add_argument("--shifted", action="store_true", help="Version 2 with its SHIFTED settings.")
-    for parser in (g, e, s):
+    n = sub.add_parser("nondroplet", help="Shots that are not droplets (nn/inputs/nondroplet.py), one row per kind.")
+    n.add_argument("--out", required=True, help="The PNG to write.")
+    n.add_argument("--size", type=int, default=259, help="Stored image size.")
+    n.add_argument("--per_kind", type=int, default=5, help="Shots per kind (columns).")
+    n.add_argument("--seed", type=int, default=0)
+    for parser in (g, e, s, n):
         parser.add_argument("--overwrite", type=config.str2bool, default=False, help="Replace existing PNGs.")
     args = p.parse_args(argv)
     try:
@@ -49,6 +55,8 @@ def main(argv=None):
             simulation = plots.Simulation(args.size, args.seed, args.version,
                                           simulate.SHIFTED if args.shifted else None)
             written = [plots.class_gallery(args.out, simulation, args.per_class, args.overwrite)]
+        elif args.what == "nondroplet":
+            written = [plots.nondroplet_gallery(args.out, args.size, args.seed, args.per_kind, args.overwrite)]
         else:
             written = plots.eval_plots(args.run_dir, args.out_dir, args.overwrite)
     except config.AiryNetError as err:

@@ -128,7 +128,8 @@ def test_two_workers_on_localhost_train_one_model(tfrecord_dir, tmp_path):
     assert len(events) == 1 and f".{procs[0].pid}." in events[0]
     assert sorted(set(names) - set(events)) == ["checkpoint", "config.json", "eval",
                                                 "model.ckpt-2.data-00000-of-00001", "model.ckpt-2.index",
-                                                "model.ckpt-4.data-00000-of-00001", "model.ckpt-4.index"]
+                                                "model.ckpt-4.data-00000-of-00001", "model.ckpt-4.index",
+                                                "ood.npz"]
     assert all(f".{procs[0].pid}." in n for n in os.listdir(run_dir / "eval"))
     assert tf.train.latest_checkpoint(str(run_dir)).endswith("model.ckpt-4")
 

@@ -94,7 +94,8 @@ class Classifier:
                                for start in range(0, n, self.batch_size)])
 
     def __call__(self, images, with_maps):
-        """-> {"probabilities", "classes"[, "gradcam" [M, ...] for the rows where with_maps]}."""
+        """-> {"probabilities", "classes"[, "ood_score", "unknown"][, "gradcam" [M, ...] for the rows where
+        with_maps]}."""
         parts = collections.defaultdict(list)
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
@@ -104,6 +105,9 @@ class Classifier:
                             if padded > n else batch)
             parts["probabilities"].append(out["probabilities"].numpy()[:n])
             parts["classes"].append(out["classes"].numpy()[:n])
+            for name in ("ood_score", "unknown"):  # where the run has an out-of-distribution fit
+                if name in out:
+                    parts[name].append(out[name].numpy()[:n])
             chosen = np.flatnonzero(with_maps[start:start + self.batch_size])
             if self.maps_step is not None and len(chosen):
                 parts["gradcam"].append(self.maps_step(batch[chosen])["grad_cam"].numpy())

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from nn import checkpoints, config
+from nn import checkpoints, config, ood
 from nn.beamline.classifier import Classifier
 from nn.beamline.publisher import Publisher
 from nn.beamline.receiver import Receiver, Unpacker
@@ -152,7 +152,7 @@ class Results:
         for t in trains:
             n = len(t.pulses)
             rows = slice(first, first + n)
-            part = {k: result[k][rows] for k in ("probabilities", "classes")}
+            part = {k: result[k][rows] for k in ("probabilities", "classes", "ood_score", "unknown") if k in result}
             if self.publish_images:
                 part["images"] = images[rows]
             chosen = np.flatnonzero(with_maps[rows])
@@ -165,6 +165,7 @@ class Results:
         rows = {"bids": np.concatenate([np.full(len(t.pulses), t.train_id, np.int64) for t in trains]),
                 "pulses": np.concatenate([t.pulses for t in trains]),
                 "probs": result["probabilities"], "preds": result["classes"]}
+        rows.update({k: result[k] for k in ("ood_score", "unknown") if k in result})
         if self.save_images:
             rows["images"] = images
         self.files.write(rows)
@@ -208,7 +209,7 @@ class Files:
         cfg = self.cfg
         paths = self._refuse_existing(name)
         image_shape = (cfg.target_height, cfg.target_width, cfg.target_depth) if cfg.save_images else None
-        self.fields = writers.stacked_fields(cfg.num_classes, image_shape, pulses=True)
+        self.fields = writers.stacked_fields(cfg.num_classes, image_shape, pulses=True, ood=ood.load(cfg) is not None)
         self.fields["bids"] = ("int64", (), {"meaning": "train ID"})
         attrs = {"source": "live", "bridge": cfg.bridge, **provenance.attributes(cfg)}
         try:

@@ -1,7 +1,8 @@
 """--mode=live's results as a Karabo bridge stream (protocol 2.2) at --publish: one message per train
 from source AIRYNET/CLASSIFIER with trainId, pulseId [N], probabilities [N, C], classes [N, C] (uint8,
 the run's decision rule), class_names, thresholds [C] (float32, where the rule is one of thresholds: a class
-is decided at or above its own), with --publish_images (the default) images [N, H, W] (uint8: the network's
+is decided at or above its own), ood_score [N] (float32) and unknown [N] (uint8) where the run has an
+out-of-distribution fit (nn/ood.py), with --publish_images (the default) images [N, H, W] (uint8: the network's
 input, H x W = --target_height x --target_width, its first channel, log1p of the counts scaled so that each
 shot's largest is 255; for --mode=view) and, for the shots that have maps, gradcam [M, C, h, w] (float32,
 Grad-CAM++ at the last block's resolution) with gradcam_index [M] (their rows in the train).
@@ -64,17 +65,17 @@ class Publisher:
         self.thread.start()
 
     def publish(self, train_id, pulses, result):
-        """One train's message: `result` holds its "probabilities" and "classes", optionally its network
-        input "images" [N, H, W, D] (float32; made 8-bit by the sending thread, off the classifier's) and,
-        if some of its shots have maps, their "gradcam" and "gradcam_index". Raises the sending thread's
-        error."""
+        """One train's message: `result` holds its "probabilities" and "classes", where the run has an
+        out-of-distribution fit its "ood_score" and "unknown", optionally its network input "images"
+        [N, H, W, D] (float32; made 8-bit by the sending thread, off the classifier's) and, if some of its
+        shots have maps, their "gradcam" and "gradcam_index". Raises the sending thread's error."""
         if self.error is not None:
             raise AiryNetError(f"--publish={self.endpoint}: {type(self.error).__name__}: {first_line(self.error)}")
         values = {"trainId": train_id, "pulseId": pulses, "probabilities": result["probabilities"],
                   "classes": result["classes"], "class_names": self.class_names}
         if self.thresholds is not None:
             values["thresholds"] = self.thresholds
-        for key in ("images", "gradcam", "gradcam_index"):
+        for key in ("ood_score", "unknown", "images", "gradcam", "gradcam_index"):
             if key in result:
                 values[key] = result[key]
         now = time.time()

@@ -183,7 +183,9 @@ def dataset(cfg, recipe, mode, *, shard=(0, 1), one_pass=None, input_context=Non
         one_pass = mode in ("predict", "calibrate")
     # The calibration split is read from the training files in the order training reads them.
     kind, files, split = check_sources(cfg, "train" if mode == "calibrate" else mode)
-    in_order = one_pass and mode != "calibrate"
+    # The calibration split, and the training shots left beside it, are read in training's order, which
+    # decides which TFRecord shots are held out; a one-pass read of either holds the same shots as training's.
+    in_order = one_pass and mode not in ("train", "calibrate")
     if kind == "tfrecord":
         records = tfrecord.records(files, cfg, in_order)
     elif kind == "cxi":

@@ -319,3 +319,22 @@ def class_gallery(out_png, simulation=Simulation(), per_class=5, overwrite=False
                  f"seed {seed})", fontsize=9, wrap=True)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     return _save(fig, out_png, overwrite)
+
+
+def nondroplet_gallery(out_png, size=259, seed=0, per_kind=5, overwrite=False):
+    """One row per kind of non-droplet shot (nn/inputs/nondroplet.py) below a row of droplet shots, at the
+    stored size on a log scale. Returns out_png."""
+    from nn.inputs import nondroplet, simulate   # numpy only, as in class_gallery
+    rows = [("droplets", simulate.simulate(per_kind, seed, size)[0])]
+    rows += [(kind, nondroplet.simulate(kind, per_kind, seed, size)[0]) for kind in nondroplet.KINDS]
+    fig = Figure(figsize=(per_kind * PANEL_INCHES, len(rows) * (PANEL_INCHES + 0.3)))
+    axes = fig.subplots(len(rows), per_kind, squeeze=False)
+    for row, (kind, images) in zip(axes, rows):
+        for i, (ax, image) in enumerate(zip(row, images)):
+            ax.axis("off")
+            ax.imshow(image, cmap="magma", norm=_log_norm(image), interpolation="nearest")
+            ax.set_title(f"{kind} (shot {i})", fontsize=7)
+    fig.suptitle(f"Shots that are not droplets (nn/inputs/nondroplet.py) below droplet shots, {size}x{size} px, "
+                 f"log scale, seed {seed}", fontsize=9, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    return _save(fig, out_png, overwrite)

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from nn import checkpoints
+from nn import checkpoints, ood
 from nn.inputs import data, detectors, masks
 
 DATA_KINDS = {"tfrecord": "TFRecord files", "cxi": "CXI/HDF5 files", "euxfel": "a European XFEL run"}
@@ -21,7 +21,8 @@ def attributes(cfg, data_kind=None):
     `data_kind`: what nn.inputs.data.find_files found for the predict data ("tfrecord", "cxi", "euxfel",
     "synthetic"), None where the data did not come from --data_dir/--dataset; --mode=live records its bridge."""
     network = f"resnet{cfg.resnet_size}" if cfg.airynet_type == "resnet" else f"vgg{cfg.vgg_size}"
-    attrs = {"network": network, **_model(cfg), **_decisions(cfg), **masks.record(cfg.mask, cfg.mask_good)}
+    attrs = {"network": network, **_model(cfg), **_decisions(cfg), **_ood(cfg),
+             **masks.record(cfg.mask, cfg.mask_good)}
     if cfg.mode == "live":
         attrs.update(data_source=f"Karabo bridge {cfg.bridge} ({cfg.bridge_socket} socket)", **_detector(cfg))
     else:
@@ -47,6 +48,12 @@ def _decisions(cfg):
         thresholds = rule.thresholds if rule.thresholds is not None else np.full(cfg.num_classes, 0.5)
         attrs["thresholds"] = np.asarray(thresholds, np.float32)
     return attrs
+
+
+def _ood(cfg):
+    """The out-of-distribution score's method, threshold and fit; a line saying there is none."""
+    scorer = ood.load(cfg)
+    return scorer.attributes() if scorer else {"ood_method": f"none: the run has no {ood.OOD_FILE}"}
 
 
 def _data(cfg, kind):

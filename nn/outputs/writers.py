@@ -210,13 +210,17 @@ def format_txt_line(bid, flags, probs):
 SWMR_FLUSH_SECONDS = 1.0
 
 
-def stacked_fields(num_classes, image_shape=None, labels=False, pulses=False):
+def stacked_fields(num_classes, image_shape=None, labels=False, pulses=False, ood=False):
     """The stacked datasets of every run's results: bunch IDs, probabilities, 0/1 classes; with
-    `image_shape` ([H, W, D]) the images as fed, with `labels` the labels, with `pulses` the pulse IDs.
+    `image_shape` ([H, W, D]) the images as fed, with `labels` the labels, with `pulses` the pulse IDs,
+    with `ood` the out-of-distribution score and the 0/1 `unknown` flag (nn/ood.py).
     name -> (dtype, shape per shot, attributes), as StackedWriter takes them; whoever computes maps or
     activations adds their fields."""
     c = num_classes
     fields = {"bids": ("int64", (), {}), "probs": ("float32", (c,), {}), "preds": ("uint8", (c,), {})}
+    if ood:
+        fields["ood_score"] = ("float32", (), {"meaning": "higher = less like the training shots"})
+        fields["unknown"] = ("uint8", (), {"meaning": "1 where ood_score is above the root attribute ood_threshold"})
     if pulses:
         fields["pulses"] = ("int64", (), {})
     if image_shape is not None:
@@ -313,6 +317,9 @@ class PerShotWriter:
             g["img"] = image[..., 0] if image.shape[-1] == 1 else image  # gray as [H, W], as the original
             g.create_dataset("prediction", data=batch["preds"][i], dtype="int32")
             g["probability"] = batch["probs"][i]
+            if "ood_score" in batch:
+                g["ood_score"] = batch["ood_score"][i]
+                g["unknown"] = batch["unknown"][i]
             if "conv" in batch:
                 g["conv"] = batch["conv"][i]
             if "grad_cam" in batch:
