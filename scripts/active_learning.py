@@ -66,7 +66,7 @@ def network_view(run_dir, images, common):
     config.merge_run_config(cfg, run_dir)
     resolved = recipe.resolve(cfg)
     model, _ = checkpoints.restore_model(cfg, resolved)
-    probabilities, features = scores(cfg, resolved, model, images)
+    probabilities, features, _ = scores(cfg, resolved, model, images)
     thresholds = checkpoints.decision_thresholds(cfg)
     return probabilities, np.full(11, 0.5) if thresholds is None else thresholds, features
 

@@ -101,6 +101,9 @@ def test_api_five_labels_kill9_restart_and_the_file_trains(run_dir, tfrecord_dir
         status, first = server.call("/api/next")
         assert status == 200 and first["remaining"] == 8 and len(first["probabilities"]) == 11
         assert len(first["thresholds"]) == 11 and isinstance(first["id"], str)
+        # training fitted the out-of-distribution score, so the page gets it with each shot
+        assert os.path.exists(os.path.join(run_dir, "ood.npz"))
+        assert isinstance(first["ood_score"], float) and first["unknown"] in (0, 1)
         saved = []
         for k in range(5):
             shot = server.call("/api/next")[1]

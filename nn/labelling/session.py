@@ -30,17 +30,22 @@ class LabelError(Exception):
 
 
 def scores(cfg, recipe, model, images):
-    """-> (probabilities [N, C], features [N, K]: the Grad-CAM layer's activations averaged over the map)."""
+    """-> (probabilities [N, C], features [N, K]: the Grad-CAM layer's activations averaged over the map,
+    {"ood_score": [N], "unknown": [N]}, or None where the run has no out-of-distribution fit (nn/ood.py))."""
     step = inference.make_step(cfg, model, maps=None, conv=True, jit="none")
-    probabilities, features = [], []
+    probabilities, features, ood = [], [], {"ood_score": [], "unknown": []}
     for start in range(0, len(images), cfg.batch_size):
         batch = preprocess(tf.constant(images[start:start + cfg.batch_size], tf.float32), cfg, recipe)
         out = step(batch)
         probabilities.append(out["probabilities"].numpy())
         features.append(out["conv"].numpy().mean(axis=(1, 2)))
+        for key, parts in ood.items():
+            if key in out:
+                parts.append(out[key].numpy())
     if not probabilities:
-        return np.zeros((0, cfg.num_classes), np.float32), np.zeros((0, 1), np.float32)
-    return np.concatenate(probabilities), np.concatenate(features)
+        return np.zeros((0, cfg.num_classes), np.float32), np.zeros((0, 1), np.float32), None
+    ood = {key: np.concatenate(parts) for key, parts in ood.items() if parts} or None
+    return np.concatenate(probabilities), np.concatenate(features), ood
 
 
 class Session:
@@ -49,7 +54,7 @@ class Session:
         self.names = config.class_names(cfg)
         self.pool = load_pool(cfg, cfg.label_pool)
         self.index = {shot_id: i for i, shot_id in enumerate(self.pool.ids)}
-        self.probabilities, features = scores(cfg, recipe, model, self.pool.images)
+        self.probabilities, features, self.ood = scores(cfg, recipe, model, self.pool.images)
         rule = checkpoints.decision_thresholds(cfg)
         self.thresholds = np.full(cfg.num_classes, 0.5, np.float32) if rule is None else rule
         self.order = selection.order(cfg.select, self.probabilities, self.thresholds, features, cfg.random_seed)
@@ -70,9 +75,12 @@ class Session:
             if not offered:
                 return {"id": None, "remaining": len(remaining)}
             i = offered[0]
-            return {"id": self.pool.ids[i], "bunch_id": int(self.pool.bunch_ids[i]), "pulse": int(self.pool.pulses[i]),
+            shot = {"id": self.pool.ids[i], "bunch_id": int(self.pool.bunch_ids[i]), "pulse": int(self.pool.pulses[i]),
                     "probabilities": [float(p) for p in self.probabilities[i]],
                     "thresholds": [float(t) for t in self.thresholds], "remaining": len(remaining)}
+            if self.ood is not None:  # how unlike the training shots it is (a hint for "not a droplet")
+                shot.update(ood_score=float(self.ood["ood_score"][i]), unknown=int(self.ood["unknown"][i]))
+            return shot
 
     def _shot(self, shot_id):
         if shot_id not in self.index:

@@ -49,7 +49,9 @@ function render(progress) {
       `${current && current.remaining !== undefined ? current.remaining : "?"} left of ${progress.total}`;
   }
   document.getElementById("shot-info").textContent = !current ? "" : current.id === null ?
-    "No shots left." : `shot ${current.id} (bunch ${current.bunch_id}${current.pulse >= 0 ? ", pulse " + current.pulse : ""})`;
+    "No shots left." : `shot ${current.id} (bunch ${current.bunch_id}${current.pulse >= 0 ? ", pulse " + current.pulse : ""})` +
+    (current.ood_score === undefined ? "" :
+      `; out-of-distribution score ${current.ood_score.toFixed(2)}${current.unknown ? " (unknown: unlike the training shots)" : ""}`);
 }
 
 async function loadNext() {
