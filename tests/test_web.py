@@ -91,6 +91,22 @@ def test_token_in_query_header_or_cookie_else_403(guarded):
     assert status == 200 and page == open(f"{server.STATIC_DIR}/view.html", "rb").read()
 
 
+def test_loopback_view_refuses_a_foreign_host_name():
+    """Without a token (loopback), a request whose Host header is not a loopback name is refused (DNS rebinding)."""
+    app = Starlette(routes=[Route("/api/x", lambda r: JSONResponse({"ok": True}))],
+                    middleware=[Middleware(server.TokenGuard, token=None)])
+    running = Running(app, "127.0.0.1")
+    try:
+        base = f"http://127.0.0.1:{running.port}/api/x"
+        assert _get(base)[0] == 200
+        assert _get(base, {"Host": f"localhost:{running.port}"})[0] == 200
+        assert _get(base, {"Host": f"[::1]:{running.port}"})[0] == 200
+        status, _, body = _get(base, {"Host": f"attacker.example:{running.port}"})
+        assert status == 403 and b"loopback" in body
+    finally:
+        running.stop()
+
+
 def test_static_allow_list_only():
     app = Starlette(routes=server.static_routes(["view.html"], index="view.html"))
     running = Running(app, "127.0.0.1")

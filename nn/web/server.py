@@ -79,15 +79,21 @@ def new_token():
 class TokenGuard:
     """ASGI middleware: with a token, every HTTP request must carry it as `?token=`, an `Authorization:
     token ...` header or the cookie that a request with a valid `?token=` sets (so that the page's own
-    requests need not repeat it); anything else is answered 403. Without a token (a loopback view) every
-    request passes. Tokens are compared in constant time."""
+    requests need not repeat it); anything else is answered 403. Without a token (a loopback view) a
+    request passes when its Host header names a loopback host: a web page elsewhere that points its own
+    name at 127.0.0.1 (DNS rebinding) is refused. Tokens are compared in constant time."""
 
     def __init__(self, app, token=None):
         self.app, self.token = app, token
 
     async def __call__(self, scope, receive, send):
-        if self.token is None or scope["type"] != "http":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.token is None:
+            if is_loopback(self._host(scope)):
+                return await self.app(scope, receive, send)
+            return await PlainTextResponse("403: this view answers only to a loopback host name",
+                                           status_code=403)(scope, receive, send)
         from_query = self._matches(self._query_token(scope))
         if not (from_query or self._matches(self._header_token(scope)) or self._matches(self._cookie(scope))):
             return await PlainTextResponse("403: this view needs its token (see the URL it logged at start)",
@@ -118,6 +124,14 @@ class TokenGuard:
                 if kind.lower() == "token":
                     return token.strip()
         return None
+
+    @staticmethod
+    def _host(scope):
+        """The host name of the Host header ("" without one), brackets of an IPv6 address removed."""
+        for name, value in scope.get("headers", []):
+            if name == b"host":
+                return urllib.parse.urlsplit("//" + value.decode("latin-1")).hostname or ""
+        return ""
 
     @staticmethod
     def _cookie(scope):
