@@ -270,7 +270,8 @@ def assert_same_predictions(whole, merged):
         for name in a:
             if isinstance(a[name], h5py.Dataset):
                 atol = 1e-3 if name == "grad_cam" else 1e-6  # float16 maps
-                np.testing.assert_allclose(a[name][()], b[name][()], rtol=0, atol=atol, err_msg=name)
+                rtol = 1e-5 if name == "ood_score" else 0  # sums of squares in the hundreds, float32
+                np.testing.assert_allclose(a[name][()], b[name][()], rtol=rtol, atol=atol, err_msg=name)
 
 
 def test_sharded_prediction_plus_merge_equals_unsharded(tfrecord_dir, tmp_path, monkeypatch):
